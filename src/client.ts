@@ -1,0 +1,145 @@
+/**
+ * The device side of the protocol in Node: what a board does, for simulators,
+ * tests and Linux boards. Same behaviour as the original MicroPython client,
+ * except that a refused first connect is retried with backoff instead of giving up.
+ */
+import * as net from 'node:net';
+import { Endpoint, EndpointOptions } from './endpoint';
+import { TetherError } from './errors';
+import { TcpLink } from './transports/tcp';
+import { deferred, Deferred, sleep } from './util';
+
+export interface ClientOptions extends EndpointOptions {
+  /** This device's client ID (no `\n`). */
+  id: string;
+  /** Server address. Default `127.0.0.1`. */
+  host?: string;
+  /** Server port. Default 8123. */
+  port?: number;
+  /** ms to wait after an outage before reconnecting (the original waits 2 × timeout). Default 2 × timeout. */
+  reconnectDelay?: number;
+  /** ms to wait after a failed connect attempt; doubles up to `retryMax`. Default 500. */
+  retryMin?: number;
+  /** Longest wait between failed connect attempts. Default 30000. */
+  retryMax?: number;
+  /** false: `connect()` rejects if the very first attempt fails (the original's behaviour). Default true. */
+  retry?: boolean;
+}
+
+export class Client extends Endpoint {
+  readonly id: string;
+  readonly host: string;
+  readonly port: number;
+  private readonly reconnectDelay: number;
+  private readonly retryMin: number;
+  private readonly retryMax: number;
+  private readonly retry: boolean;
+  private readonly stop = new AbortController();
+  private running: Promise<void> | null = null;
+  private linkGone: Deferred<boolean> | null = null;
+  private firstFailure: Deferred<void> = deferred();
+  /** Connect attempts that failed (refused, unreachable, closed before the first line). */
+  failedAttempts = 0;
+
+  constructor(opts: ClientOptions) {
+    if (typeof opts.id !== 'string' || opts.id.length === 0 || opts.id.includes('\n')) {
+      throw new TetherError('ERR_BAD_CONFIG', `client id must be a non-empty string without "\\n", got ${JSON.stringify(opts.id)}`);
+    }
+    super({ ...opts, logger: opts.logger?.child({ device: opts.id }) });
+    this.id = opts.id;
+    this.host = opts.host ?? '127.0.0.1';
+    this.port = opts.port ?? 8123;
+    this.reconnectDelay = opts.reconnectDelay ?? 2 * this.timeout;
+    this.retryMin = opts.retryMin ?? 500;
+    this.retryMax = opts.retryMax ?? 30000;
+    this.retry = opts.retry ?? true;
+    this.firstFailure.promise.catch(() => {});
+  }
+
+  /** Times the link came up (the original's `connects`). */
+  get connects(): number {
+    return this.counters.connects;
+  }
+
+  /** Starts connecting (once) and resolves when the link is first up. */
+  async connect(): Promise<void> {
+    this.running ??= this.run();
+    await Promise.race([this.ready(), this.firstFailure.promise]);
+  }
+
+  override close(): void {
+    this.stop.abort();
+    super.close();
+  }
+
+  protected describe(): string {
+    return `client ${JSON.stringify(this.id)}`;
+  }
+
+  protected override onLinkLost(_reason: string, wasUp: boolean): void {
+    this.linkGone?.resolve(wasUp);
+  }
+
+  private dial(): Promise<net.Socket> {
+    return new Promise((resolve, reject) => {
+      const socket = net.connect({ host: this.host, port: this.port });
+      const timer = setTimeout(() => {
+        socket.destroy();
+        reject(new Error(`connect timed out after ${this.timeout} ms`));
+      }, this.timeout);
+      socket.once('connect', () => {
+        clearTimeout(timer);
+        socket.removeAllListeners('error');
+        resolve(socket);
+      });
+      socket.once('error', (err: NodeJS.ErrnoException) => {
+        clearTimeout(timer);
+        socket.destroy();
+        reject(new Error(err.code ?? err.message));
+      });
+    });
+  }
+
+  private async run(): Promise<void> {
+    const signal = this.stop.signal;
+    let backoff = this.retryMin;
+    while (!signal.aborted) {
+      let socket: net.Socket;
+      try {
+        socket = await this.dial();
+      } catch (e) {
+        this.failedAttempts++;
+        const msg = (e as Error).message;
+        this.log.warn('connect failed', { server: `${this.host}:${this.port}`, error: msg, retryIn: backoff });
+        if (!this.retry && this.connects === 0) {
+          this.firstFailure.reject(
+            new Error(`cannot connect to ${this.host}:${this.port} (${msg}): is the server running? (retry: true keeps trying)`),
+          );
+          this.close();
+          return;
+        }
+        await sleep(backoff, signal);
+        backoff = Math.min(backoff * 2, this.retryMax);
+        continue;
+      }
+      if (signal.aborted) {
+        socket.destroy();
+        return;
+      }
+      this.linkGone = deferred<boolean>();
+      this.attachLink(new TcpLink(socket), undefined, false, 0);
+      this.sendRaw(this.id + '\n');
+      const wasUp = await this.linkGone.promise;
+      this.linkGone = null;
+      if (signal.aborted) return;
+      if (wasUp) {
+        backoff = this.retryMin;
+        await sleep(this.reconnectDelay, signal);
+      } else {
+        this.failedAttempts++;
+        await sleep(backoff, signal);
+        backoff = Math.min(backoff * 2, this.retryMax);
+      }
+    }
+  }
+}

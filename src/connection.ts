@@ -1,0 +1,49 @@
+/**
+ * The server side of one client ID: created when that ID first connects and kept
+ * for the life of the server. Every reconnect of the ID reattaches its new link
+ * here, so the id counter, duplicate ring and unacknowledged messages carry on.
+ */
+import { Endpoint, EndpointOptions } from './endpoint';
+import type { Link } from './link';
+
+export interface ConnectionOptions extends EndpointOptions {
+  /** ms to wait, after the first bytes from a (re)connected device, before sending it messages (the ESP8266 needs it). Default 200. */
+  settleDelay?: number;
+}
+
+export class Connection extends Endpoint {
+  private readonly settleAfter: number;
+
+  constructor(
+    readonly id: string,
+    private readonly lookup: (id: string) => Connection | undefined,
+    opts: ConnectionOptions,
+  ) {
+    super({ ...opts, logger: opts.logger?.child({ client: id }) });
+    this.settleAfter = opts.settleDelay ?? 200;
+  }
+
+  /** Another client's Connection, if that ID has connected (the original's `conn[id]`). */
+  peer(id: string): Connection | undefined {
+    return this.lookup(id);
+  }
+
+  /** True while a link is attached (the duplicate-ID policy looks at this). */
+  get hasLink(): boolean {
+    return this.linked;
+  }
+
+  /** Used by the Server: makes `link` this Connection's link, replacing any old one. */
+  attach(link: Link, rest?: Buffer): void {
+    this.attachLink(link, rest, true, this.settleAfter);
+  }
+
+  /** Drops the current link, as an outage (the device will reconnect). */
+  disconnect(reason = 'disconnected by the server'): void {
+    this.dropLink(reason);
+  }
+
+  protected describe(): string {
+    return `connection ${JSON.stringify(this.id)}`;
+  }
+}

@@ -1,0 +1,554 @@
+/**
+ * The protocol state machine shared by both ends of a link (PROTOCOL.md section 1):
+ * keepalives, outage detection, message ids, ACKs, the duplicate ring, qos
+ * retransmission and backpressure. It owns at most one link at a time and
+ * outlives every link: what it holds (id counter, ring, unacknowledged messages,
+ * received lines) carries over from one link to the next.
+ *
+ * The server's Connection and the Node Client are thin subclasses that decide when
+ * a link comes and when it counts as up.
+ */
+import { EventEmitter } from 'node:events';
+import PQueue from 'p-queue';
+import { abortedError, closedError, payloadError, TetherError } from './errors';
+import type { Link } from './link';
+import type { Logger } from './log';
+import { silentLogger } from './log';
+import {
+  DuplicateRing,
+  formatAck,
+  formatMessage,
+  KEEPALIVE,
+  LineSplitter,
+  MidGenerator,
+  normalizePayload,
+  parseLine,
+  payloadProblem,
+} from './protocol';
+import { deferred, Notifier, preview, raceAbort } from './util';
+
+export interface EndpointOptions {
+  /** Outage after this many ms without a byte from the peer; keepalives every timeout/4. Both ends must agree. Default 2000. */
+  timeout?: number;
+  /** Longest line accepted or sent, in bytes without the `\n` (id included). Longer received lines are dropped and counted. Default 65536. */
+  maxLineLength?: number;
+  /** Received lines buffered for the app; when full, reading from the link pauses until the app reads. Default 64. */
+  rxBuffer?: number;
+  /** Writes queued behind the one being sent; a further write() waits for room. Default 64. */
+  maxQueuedWrites?: number;
+  /** Unacknowledged qos messages in flight for writes with `wait: false`. Kept far below the ring's ~120. Default 8. */
+  window?: number;
+  logger?: Logger;
+}
+
+export const ENDPOINT_DEFAULTS = {
+  timeout: 2000,
+  maxLineLength: 65536,
+  rxBuffer: 64,
+  maxQueuedWrites: 64,
+  window: 8,
+} as const;
+
+/** A message id must not be reused while an older one may still be in the peer's ring. */
+const MAX_MID_SPAN = 100;
+
+export interface WriteOptions {
+  /** Retransmit until acknowledged, so the line is delivered exactly once. Default true. */
+  qos?: boolean;
+  /** With qos: first wait until every earlier qos message is acknowledged (keeps order). Default true. */
+  wait?: boolean;
+  /** Abandons the write; it then rejects with ERR_ABORTED. */
+  signal?: AbortSignal;
+}
+
+export interface Counters {
+  /** Times the link came up. */
+  connects: number;
+  /** Times an up link was lost (timeout, closed by the peer, replaced…). */
+  outages: number;
+  messagesIn: number;
+  messagesOut: number;
+  acksIn: number;
+  acksOut: number;
+  keepalivesIn: number;
+  keepalivesOut: number;
+  /** qos messages sent again after a timeout or an outage. */
+  retransmits: number;
+  /** Received messages the ring recognised as repeats: ACKed, not delivered. */
+  duplicatesDropped: number;
+  bytesIn: number;
+  bytesOut: number;
+  /** Lines that were neither keepalive, ACK nor message (non-hex id, bad UTF-8…). */
+  badLines: number;
+  /** Lines longer than maxLineLength, skipped. */
+  longLines: number;
+  /** Messages refused without ACK while the app was not reading and our own writes needed ACKs (the sender retransmits qos ones). */
+  shed: number;
+}
+
+function zeroCounters(): Counters {
+  return {
+    connects: 0,
+    outages: 0,
+    messagesIn: 0,
+    messagesOut: 0,
+    acksIn: 0,
+    acksOut: 0,
+    keepalivesIn: 0,
+    keepalivesOut: 0,
+    retransmits: 0,
+    duplicatesDropped: 0,
+    bytesIn: 0,
+    bytesOut: 0,
+    badLines: 0,
+    longLines: 0,
+    shed: 0,
+  };
+}
+
+interface Pending {
+  mid: number;
+  wire: string;
+  /** Position in this endpoint's stream of messages, to bound id reuse. */
+  seq: number;
+  sentAt: number;
+  /** Settles when the peer ACKs it (or the endpoint closes). */
+  acked: Promise<void>;
+  resolve(): void;
+  reject(e: unknown): void;
+}
+
+interface Reader {
+  resolve(line: string): void;
+  reject(e: unknown): void;
+}
+
+export type EndpointState = 'up' | 'down' | 'closed';
+
+export abstract class Endpoint extends EventEmitter {
+  readonly counters: Counters = zeroCounters();
+  protected readonly log: Logger;
+  protected readonly timeout: number;
+  protected readonly maxLineLength: number;
+  private readonly rxBuffer: number;
+  private readonly maxQueuedWrites: number;
+  private readonly window: number;
+
+  private link: Link | null = null;
+  private up = false;
+  private settled = false;
+  private gotData = false;
+  private congested = false;
+  private rxPaused = false;
+  /** Reading resumed despite a full buffer so ACKs for our writes get through. */
+  private shedding = false;
+  private lastRx = 0;
+  private tick: NodeJS.Timeout | null = null;
+  private settleTimer: NodeJS.Timeout | null = null;
+  private splitter: LineSplitter;
+  private closed = false;
+
+  private readonly mids: MidGenerator = new MidGenerator();
+  private readonly ring = new DuplicateRing();
+  /** Payload of the last mid-0 message delivered, to spot its retransmission. */
+  private lastMid0: string | null = null;
+  private seq = 0;
+  /** Unacknowledged qos messages by mid, in send order. */
+  private readonly pending = new Map<number, Pending>();
+  private readonly rx: string[] = [];
+  private readonly readers: Reader[] = [];
+  private readonly changed = new Notifier();
+  private readonly queue = new PQueue({ concurrency: 1 });
+
+  constructor(opts: EndpointOptions) {
+    super();
+    this.timeout = opts.timeout ?? ENDPOINT_DEFAULTS.timeout;
+    this.maxLineLength = opts.maxLineLength ?? ENDPOINT_DEFAULTS.maxLineLength;
+    this.rxBuffer = opts.rxBuffer ?? ENDPOINT_DEFAULTS.rxBuffer;
+    this.maxQueuedWrites = opts.maxQueuedWrites ?? ENDPOINT_DEFAULTS.maxQueuedWrites;
+    this.window = Math.min(opts.window ?? ENDPOINT_DEFAULTS.window, MAX_MID_SPAN);
+    this.log = opts.logger ?? silentLogger;
+    this.splitter = new LineSplitter(this.maxLineLength);
+  }
+
+  // ---- public API -------------------------------------------------------
+
+  /** True while a link is up (the original's `status()`). */
+  status(): boolean {
+    return this.up;
+  }
+
+  get isUp(): boolean {
+    return this.up;
+  }
+
+  get state(): EndpointState {
+    return this.closed ? 'closed' : this.up ? 'up' : 'down';
+  }
+
+  /** Where the current link comes from, if any. */
+  get remote(): string | undefined {
+    return this.link?.remote;
+  }
+
+  /** Unacknowledged qos messages right now. */
+  get inFlight(): number {
+    return this.pending.size;
+  }
+
+  /** Received lines waiting to be read. */
+  get buffered(): number {
+    return this.rx.length;
+  }
+
+  /** Resolves when the link is up (at once if it is). */
+  async ready(signal?: AbortSignal): Promise<void> {
+    while (!this.up) {
+      if (this.closed) throw closedError(this.describe());
+      await this.changed.wait(signal, abortedError);
+    }
+  }
+
+  /**
+   * Sends one line. With qos (default) it resolves once the peer has ACKed it,
+   * retransmitting after every `timeout` without ACK and after every outage; an
+   * outage is waited out, never an error. Rejects at once for an empty line or one
+   * with `\n` inside (a single trailing `\n` is stripped).
+   */
+  async write(line: string, opts: WriteOptions = {}): Promise<void> {
+    const qos = opts.qos ?? true;
+    const wait = opts.wait ?? true;
+    const signal = opts.signal;
+    if (this.closed) throw closedError(this.describe());
+    const payload = normalizePayload(line);
+    const problem = payloadProblem(payload, this.maxLineLength);
+    if (problem) throw payloadError(problem, this.maxLineLength);
+    if (signal?.aborted) throw abortedError(signal.reason);
+
+    // Bounded queue: a writer that outruns the peer waits here, it does not pile up.
+    while (this.queue.size >= this.maxQueuedWrites) {
+      await raceAbort(this.queue.onSizeLessThan(this.maxQueuedWrites), signal, abortedError);
+      if (this.closed) throw closedError(this.describe());
+    }
+    const sent = await this.queue
+      .add(() => this.admit(payload, qos, wait, signal), { signal })
+      .catch((e: unknown) => {
+        throw e instanceof TetherError ? e : abortedError(signal?.reason ?? e);
+      });
+    if (!sent) return;
+    try {
+      await raceAbort(sent.acked, signal, abortedError);
+    } catch (e) {
+      // Given up by the caller: stop retransmitting. The peer may or may not have it.
+      if (this.pending.get(sent.mid) === sent) {
+        this.pending.delete(sent.mid);
+        this.changed.notify();
+      }
+      throw e;
+    }
+  }
+
+  /** The next received line, with its trailing `\n` (as the original). Waits out outages. */
+  readline(): Promise<string> {
+    const line = this.rx.shift();
+    if (line !== undefined) {
+      this.maybeResumeReading();
+      return Promise.resolve(line);
+    }
+    if (this.closed) return Promise.reject(closedError(this.describe()));
+    return new Promise((resolve, reject) => this.readers.push({ resolve, reject }));
+  }
+
+  /** `for await (const line of conn)`: every received line (with `\n`) until close. */
+  async *[Symbol.asyncIterator](): AsyncGenerator<string, void, undefined> {
+    for (;;) {
+      try {
+        yield await this.readline();
+      } catch (e) {
+        if (e instanceof TetherError && e.code === 'ERR_CLOSED') return;
+        throw e;
+      }
+    }
+  }
+
+  /** Ends the link for good: pending writes and readers reject with ERR_CLOSED. */
+  close(): void {
+    if (this.closed) return;
+    this.closed = true;
+    this.dropLink('closed');
+    const err = closedError(this.describe());
+    this.queue.clear();
+    for (const p of this.pending.values()) p.reject(err);
+    this.pending.clear();
+    for (const r of this.readers.splice(0)) r.reject(err);
+    this.changed.notify();
+    this.emit('close');
+  }
+
+  get isClosed(): boolean {
+    return this.closed;
+  }
+
+  // ---- for subclasses ---------------------------------------------------
+
+  protected abstract describe(): string;
+
+  /** Called after a link is dropped (`wasUp`: it had come up). */
+  protected onLinkLost(_reason: string, _wasUp: boolean): void {}
+
+  /** True while a link is attached, up or not. */
+  protected get linked(): boolean {
+    return this.link !== null;
+  }
+
+  /**
+   * Takes a fresh link. `upNow`: the server side is up at once and greets with a
+   * keepalive; the client side waits for the peer's first line. `settleDelay`: ms
+   * to wait after the first bytes from the peer before sending messages.
+   */
+  protected attachLink(link: Link, rest: Buffer | undefined, upNow: boolean, settleDelay: number): void {
+    if (this.closed) {
+      link.close('endpoint closed');
+      return;
+    }
+    if (this.link) this.dropLink('replaced by a new link');
+    this.link = link;
+    this.splitter = new LineSplitter(this.maxLineLength);
+    this.settleDelay = settleDelay;
+    this.lastRx = Date.now();
+    link.setHandlers({
+      data: (chunk) => this.onData(chunk),
+      close: (reason) => this.dropLink(reason),
+      drain: () => {
+        this.congested = false;
+        this.changed.notify();
+      },
+    });
+    this.tick = setInterval(() => this.onTick(), Math.max(1, Math.floor(this.timeout / 4)));
+    this.tick.unref?.();
+    if (upNow) this.markUp();
+    if (rest && rest.length > 0) this.onData(rest);
+  }
+
+  /** Sends raw protocol bytes on the current link (no-op without one). */
+  protected sendRaw(data: string): void {
+    const link = this.link;
+    if (!link) return;
+    this.counters.bytesOut += Buffer.byteLength(data);
+    if (!link.write(data)) this.congested = true;
+  }
+
+  /** Drops the current link (if any) and registers the outage. */
+  protected dropLink(reason: string): void {
+    const link = this.link;
+    if (!link) return;
+    this.link = null;
+    link.setHandlers(null);
+    link.close(reason);
+    if (this.tick) clearInterval(this.tick);
+    if (this.settleTimer) clearTimeout(this.settleTimer);
+    this.tick = this.settleTimer = null;
+    const wasUp = this.up;
+    this.up = this.settled = this.gotData = this.congested = this.rxPaused = this.shedding = false;
+    if (wasUp) {
+      this.counters.outages++;
+      this.log.info('link down', { remote: link.remote, reason });
+      this.emit('down', reason);
+    }
+    this.changed.notify();
+    this.onLinkLost(reason, wasUp);
+  }
+
+  // ---- internals ----------------------------------------------------------
+
+  private settleDelay = 0;
+
+  private markUp(): void {
+    if (this.up) return;
+    this.up = true;
+    this.counters.connects++;
+    this.sendKeepalive();
+    this.log.info('link up', { remote: this.link?.remote, connects: this.counters.connects });
+    this.emit('up');
+    this.afterSettle();
+    this.changed.notify();
+  }
+
+  private sendKeepalive(): void {
+    this.counters.keepalivesOut++;
+    this.sendRaw(KEEPALIVE);
+  }
+
+  private onData(chunk: Buffer): void {
+    this.counters.bytesIn += chunk.length;
+    this.lastRx = Date.now();
+    if (!this.gotData) {
+      this.gotData = true;
+      if (this.settleDelay > 0) {
+        this.settleTimer = setTimeout(() => {
+          this.settleTimer = null;
+          this.settled = true;
+          this.afterSettle();
+        }, this.settleDelay);
+      } else {
+        this.settled = true;
+      }
+    }
+    this.splitter.push(chunk, this.onLine, this.onLongLine);
+  }
+
+  private readonly onLongLine = (): void => {
+    this.counters.longLines++;
+    this.log.warn('dropped a line longer than maxLineLength', {
+      remote: this.link?.remote,
+      maxLineLength: this.maxLineLength,
+      hint: 'shorten what the device sends or raise maxLineLength',
+    });
+  };
+
+  private readonly onLine = (line: Buffer): void => {
+    if (!this.link) return; // the link died while this chunk was being split
+    const p = parseLine(line);
+    switch (p.kind) {
+      case 'keepalive':
+        this.counters.keepalivesIn++;
+        break;
+      case 'ack': {
+        this.counters.acksIn++;
+        const sent = this.pending.get(p.mid);
+        if (sent) {
+          this.pending.delete(p.mid);
+          sent.resolve();
+          this.changed.notify();
+        }
+        break;
+      }
+      case 'message':
+        this.onMessage(p.mid, p.payload);
+        break;
+      case 'invalid':
+        this.counters.badLines++;
+        this.log.warn('dropped a bad line', { remote: this.link?.remote, reason: p.reason, line: preview(line) });
+        break;
+    }
+    // The client side counts the peer's first line as the link coming up.
+    if (!this.up && this.link) this.markUp();
+  };
+
+  private onMessage(mid: number, payload: string): void {
+    if (this.shedding && this.rx.length >= this.rxBuffer) {
+      // No ACK and no ring entry: a qos sender will retransmit it later.
+      this.counters.shed++;
+      return;
+    }
+    this.counters.acksOut++;
+    this.sendRaw(formatAck(mid));
+    // A repeated mid 0 with the same payload and nothing since is the retransmission
+    // of a first message whose ACK was lost, not a second restart of the peer.
+    const repeat0 = mid === 0 && this.lastMid0 === payload && this.ring.onlyHas(0);
+    if (repeat0 || !this.ring.isNew(mid)) {
+      this.counters.duplicatesDropped++;
+      this.log.debug('duplicate dropped', { mid });
+      return;
+    }
+    if (mid === 0) this.lastMid0 = payload;
+    this.counters.messagesIn++;
+    const line = payload + '\n';
+    this.emit('line', line);
+    const reader = this.readers.shift();
+    if (reader) {
+      reader.resolve(line);
+      return;
+    }
+    this.rx.push(line);
+    if (this.rx.length >= this.rxBuffer && !this.rxPaused && this.link) {
+      this.rxPaused = true;
+      this.link.pause();
+      this.log.debug('receive buffer full: reading paused', { buffered: this.rx.length });
+    }
+  }
+
+  private maybeResumeReading(): void {
+    if (!this.rxPaused || this.rx.length > this.rxBuffer / 2) return;
+    this.rxPaused = this.shedding = false;
+    this.lastRx = Date.now(); // silence while paused was ours, not the peer's
+    this.link?.resume();
+    this.log.debug('receive buffer drained: reading resumed', { buffered: this.rx.length });
+  }
+
+  private onTick(): void {
+    const now = Date.now();
+    // While reading is paused by our own backpressure, silence proves nothing.
+    if (!this.rxPaused || this.shedding) {
+      const limit = this.up ? this.timeout : 2 * this.timeout;
+      if (now - this.lastRx > limit) {
+        this.dropLink(`no data for ${now - this.lastRx} ms (timeout ${limit} ms)`);
+        return;
+      }
+    }
+    if (!this.up) return;
+    this.sendKeepalive();
+    if (!this.settled || this.pending.size === 0) return;
+    for (const p of this.pending.values()) {
+      if (now - p.sentAt >= this.timeout) this.resend(p, now);
+    }
+    // Our writes wait for ACKs that sit behind lines the app is not reading:
+    // read on, refusing new messages until the app catches up.
+    if (this.rxPaused && !this.shedding && this.link) {
+      const oldest = this.pending.values().next().value as Pending;
+      if (now - oldest.sentAt >= this.timeout) {
+        this.shedding = true;
+        this.lastRx = now;
+        this.link.resume();
+        this.log.debug('reading on while the app is not reading, to get ACKs', { buffered: this.rx.length });
+      }
+    }
+  }
+
+  private resend(p: Pending, now: number): void {
+    p.sentAt = now;
+    this.counters.retransmits++;
+    this.sendRaw(p.wire);
+  }
+
+  /** Runs when the link becomes usable for messages: resend what the last link left unacknowledged. */
+  private afterSettle(): void {
+    if (!this.up || !this.settled) return;
+    const now = Date.now();
+    for (const p of this.pending.values()) this.resend(p, now);
+    this.changed.notify();
+  }
+
+  private canAdmit(qos: boolean, wait: boolean): boolean {
+    if (!this.up || !this.settled || this.congested) return false;
+    const n = this.pending.size;
+    if (n > 0) {
+      const oldest = this.pending.values().next().value as Pending;
+      if (this.seq - oldest.seq >= MAX_MID_SPAN) return false;
+    }
+    if (!qos) return true;
+    return wait ? n === 0 : n < this.window;
+  }
+
+  /** Runs in the write queue, one at a time, so lines go out in call order. */
+  private async admit(payload: string, qos: boolean, wait: boolean, signal?: AbortSignal): Promise<Pending | null> {
+    while (!this.canAdmit(qos, wait)) {
+      if (this.closed) throw closedError(this.describe());
+      await this.changed.wait(signal, abortedError);
+    }
+    if (this.closed) throw closedError(this.describe());
+    const mid = this.mids.take();
+    const wire = formatMessage(mid, payload);
+    this.seq++;
+    this.counters.messagesOut++;
+    let sent: Pending | null = null;
+    if (qos) {
+      const d = deferred();
+      d.promise.catch(() => {}); // observed by write(); never an unhandled rejection
+      sent = { mid, wire, seq: this.seq, sentAt: Date.now(), acked: d.promise, resolve: d.resolve, reject: d.reject };
+      this.pending.set(mid, sent);
+    }
+    this.sendRaw(wire);
+    return sent;
+  }
+}

@@ -1,0 +1,14 @@
+export { Server, SERVER_DEFAULTS } from './server';
+export type { ServerOptions, DuplicateIdPolicy, HandshakeStats } from './server';
+export { Connection } from './connection';
+export type { ConnectionOptions } from './connection';
+export { Client } from './client';
+export type { ClientOptions } from './client';
+export { Endpoint, ENDPOINT_DEFAULTS } from './endpoint';
+export type { Counters, WriteOptions, EndpointOptions, EndpointState } from './endpoint';
+export { TetherError } from './errors';
+export type { TetherErrorCode } from './errors';
+export { createLogger, silentLogger } from './log';
+export type { Logger, LogRecord, Level } from './log';
+export type { Link, LinkHandlers } from './link';
+export * as protocol from './protocol';

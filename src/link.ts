@@ -1,0 +1,27 @@
+/**
+ * A link is one live byte duplex to one device: a TCP socket, a TLS socket, a mesh
+ * node behind the UART root. Transports make links; an Endpoint owns one at a time.
+ * Links know nothing of the protocol.
+ */
+export interface LinkHandlers {
+  /** Bytes from the peer. */
+  data(chunk: Buffer): void;
+  /** The link died on its own (peer closed, socket error, node left the mesh). */
+  close(reason: string): void;
+  /** A write that returned false has drained. */
+  drain(): void;
+}
+
+export interface Link {
+  /** Where the bytes come from, for logs: `tcp:127.0.0.1:51234`, `mesh:0x0012`. */
+  readonly remote: string;
+  /** Sends bytes; false means the transport is full: hold further messages until `drain`. */
+  write(data: string): boolean;
+  /** Stop delivering `data` (flow control toward the peer) / start again. */
+  pause(): void;
+  resume(): void;
+  /** Tears the link down now. Idempotent; does not call the `close` handler. */
+  close(reason: string): void;
+  /** Installs the owner's handlers (null detaches them). */
+  setHandlers(h: LinkHandlers | null): void;
+}

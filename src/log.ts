@@ -1,0 +1,84 @@
+/**
+ * One structured logger for the whole project. A record is a flat object:
+ * `{ time, level, msg, ...fields }`. Output goes to a sink: JSON lines, a
+ * human-readable line, or a function (tests collect records this way).
+ */
+export type Level = 'debug' | 'info' | 'warn' | 'error' | 'silent';
+export type Fields = Record<string, unknown>;
+export interface LogRecord extends Fields {
+  time: number;
+  level: Exclude<Level, 'silent'>;
+  msg: string;
+}
+
+export interface Logger {
+  debug(msg: string, fields?: Fields): void;
+  info(msg: string, fields?: Fields): void;
+  warn(msg: string, fields?: Fields): void;
+  error(msg: string, fields?: Fields): void;
+  /** A logger that adds `fields` to every record. */
+  child(fields: Fields): Logger;
+  readonly level: Level;
+}
+
+const RANK: Record<Level, number> = { debug: 10, info: 20, warn: 30, error: 40, silent: 99 };
+
+export interface LoggerOptions {
+  /** Lowest level written. Default `info`. */
+  level?: Level;
+  /** `pretty` (default when stderr is a terminal) or `json`; ignored with `sink`. */
+  format?: 'pretty' | 'json';
+  /** Receives every record instead of stderr. */
+  sink?: (rec: LogRecord) => void;
+  stream?: NodeJS.WritableStream;
+}
+
+function prettyValue(v: unknown): string {
+  if (typeof v === 'string') return /[\s"=]/.test(v) || v === '' ? JSON.stringify(v) : v;
+  if (v instanceof Error) return JSON.stringify(v.message);
+  return JSON.stringify(v) ?? String(v);
+}
+
+export function formatPretty(rec: LogRecord): string {
+  const { time, level, msg, ...rest } = rec;
+  const t = new Date(time).toISOString().slice(11, 23);
+  const kv = Object.entries(rest)
+    .map(([k, v]) => `${k}=${prettyValue(v)}`)
+    .join(' ');
+  return `${t} ${level.toUpperCase().padEnd(5)} ${msg}${kv ? ' ' + kv : ''}`;
+}
+
+export function createLogger(opts: LoggerOptions = {}): Logger {
+  const level = opts.level ?? 'info';
+  const stream = opts.stream ?? process.stderr;
+  const format = opts.format ?? ((stream as { isTTY?: boolean }).isTTY ? 'pretty' : 'json');
+  const sink =
+    opts.sink ??
+    ((rec: LogRecord) => {
+      stream.write((format === 'json' ? JSON.stringify(rec, errorReplacer) : formatPretty(rec)) + '\n');
+    });
+  return make(level, sink, {});
+}
+
+function errorReplacer(_k: string, v: unknown): unknown {
+  return v instanceof Error ? v.message : v;
+}
+
+function make(level: Level, sink: (rec: LogRecord) => void, bound: Fields): Logger {
+  const min = RANK[level];
+  const emit = (lvl: Exclude<Level, 'silent'>, msg: string, fields?: Fields) => {
+    if (RANK[lvl] < min) return;
+    sink({ time: Date.now(), level: lvl, msg, ...bound, ...fields });
+  };
+  return {
+    level,
+    debug: (m, f) => emit('debug', m, f),
+    info: (m, f) => emit('info', m, f),
+    warn: (m, f) => emit('warn', m, f),
+    error: (m, f) => emit('error', m, f),
+    child: (fields) => make(level, sink, { ...bound, ...fields }),
+  };
+}
+
+/** A logger that drops everything. */
+export const silentLogger: Logger = createLogger({ level: 'silent', sink: () => {} });

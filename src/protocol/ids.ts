@@ -1,0 +1,75 @@
+/**
+ * Message ids and the receiver's duplicate filter (PROTOCOL.md 1.3).
+ */
+
+/**
+ * Hands out message ids 0, 1, 2 … 255, 1, 2 … 255, 1 …: 0 only for the very first
+ * message of a fresh sender, which tells the receiver "I have restarted".
+ */
+export class MidGenerator {
+  private nextMid: number;
+
+  constructor(next = 0) {
+    this.nextMid = next;
+  }
+
+  /** The id the next call to {@link take} returns. */
+  get next(): number {
+    return this.nextMid;
+  }
+
+  take(): number {
+    const mid = this.nextMid;
+    this.nextMid = mid >= 255 ? 1 : mid + 1;
+    return mid;
+  }
+}
+
+/**
+ * The 256-bit ring of recently seen message ids. A message is new if its bit is
+ * clear; seeing it sets the bit and clears the eight ids half a ring away, so ids
+ * are forgotten well before the sender reuses them. Sound only while fewer than
+ * about 120 messages are outstanding, hence the small in-flight window elsewhere.
+ */
+export class DuplicateRing {
+  private readonly bits = new Uint8Array(32);
+
+  clear(): void {
+    this.bits.fill(0);
+  }
+
+  /**
+   * Records `mid` and says whether it was new. Mid 0 means the sender restarted,
+   * so it clears the ring first. The far byte is cleared on duplicates as well,
+   * exactly as the original does, so both ends' rings evolve the same way.
+   */
+  isNew(mid: number): boolean {
+    if (mid === 0) this.bits.fill(0);
+    const idx = mid >> 3;
+    const bit = 1 << (mid & 7);
+    const fresh = (this.bits[idx] & bit) === 0;
+    this.bits[idx] |= bit;
+    this.bits[(idx + 16) & 0x1f] = 0;
+    return fresh;
+  }
+
+  /** True if exactly `mid`'s bit and no other is set. */
+  onlyHas(mid: number): boolean {
+    const idx = mid >> 3;
+    for (let i = 0; i < 32; i++) {
+      const expect = i === idx ? 1 << (mid & 7) : 0;
+      if (this.bits[i] !== expect) return false;
+    }
+    return true;
+  }
+
+  /** A copy of the ring's 32 bytes (for persistence and tests). */
+  snapshot(): Uint8Array {
+    return this.bits.slice();
+  }
+
+  restore(bytes: Uint8Array): void {
+    if (bytes.length !== 32) throw new RangeError(`a duplicate ring is 32 bytes, got ${bytes.length}`);
+    this.bits.set(bytes);
+  }
+}

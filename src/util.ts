@@ -1,0 +1,96 @@
+/** Small async helpers shared by the Endpoint, the Server and the Client. */
+
+/** Wakes every waiter when something changed; waiters re-check their condition. */
+export class Notifier {
+  private waiters: Array<() => void> = [];
+
+  get waiting(): number {
+    return this.waiters.length;
+  }
+
+  /** Resolves on the next notify(); rejects with `onAbort(reason)` if `signal` aborts first. */
+  wait(signal?: AbortSignal, onAbort?: (reason: unknown) => Error): Promise<void> {
+    return new Promise<void>((resolve, reject) => {
+      if (!signal) {
+        this.waiters.push(resolve);
+        return;
+      }
+      if (signal.aborted) {
+        reject(onAbort ? onAbort(signal.reason) : signal.reason);
+        return;
+      }
+      const done = () => {
+        signal.removeEventListener('abort', aborted);
+        resolve();
+      };
+      const aborted = () => {
+        const i = this.waiters.indexOf(done);
+        if (i >= 0) this.waiters.splice(i, 1);
+        reject(onAbort ? onAbort(signal.reason) : signal.reason);
+      };
+      signal.addEventListener('abort', aborted, { once: true });
+      this.waiters.push(done);
+    });
+  }
+
+  notify(): void {
+    if (this.waiters.length === 0) return;
+    const w = this.waiters;
+    this.waiters = [];
+    for (const f of w) f();
+  }
+}
+
+export interface Deferred<T> {
+  promise: Promise<T>;
+  resolve(v: T): void;
+  reject(e: unknown): void;
+}
+
+export function deferred<T = void>(): Deferred<T> {
+  let resolve!: (v: T) => void;
+  let reject!: (e: unknown) => void;
+  const promise = new Promise<T>((res, rej) => {
+    resolve = res;
+    reject = rej;
+  });
+  return { promise, resolve, reject };
+}
+
+/** `p`, or a rejection with `onAbort(reason)` as soon as `signal` aborts. */
+export function raceAbort<T>(p: Promise<T>, signal: AbortSignal | undefined, onAbort: (reason: unknown) => Error): Promise<T> {
+  if (!signal) return p;
+  if (signal.aborted) return Promise.reject(onAbort(signal.reason));
+  return new Promise<T>((resolve, reject) => {
+    const aborted = () => reject(onAbort(signal.reason));
+    signal.addEventListener('abort', aborted, { once: true });
+    p.then(
+      (v) => {
+        signal.removeEventListener('abort', aborted);
+        resolve(v);
+      },
+      (e) => {
+        signal.removeEventListener('abort', aborted);
+        reject(e);
+      },
+    );
+  });
+}
+
+export function sleep(ms: number, signal?: AbortSignal): Promise<void> {
+  return new Promise((resolve) => {
+    const t = setTimeout(done, ms);
+    function done() {
+      signal?.removeEventListener('abort', done);
+      clearTimeout(t);
+      resolve();
+    }
+    signal?.addEventListener('abort', done, { once: true });
+  });
+}
+
+/** A printable, bounded preview of raw bytes for log records. */
+export function preview(buf: Buffer, max = 40): string {
+  const s = JSON.stringify(buf.subarray(0, max).toString('latin1'));
+  return buf.length > max ? `${s}… (${buf.length} bytes)` : s;
+}
