@@ -67,6 +67,14 @@ export class Client extends Endpoint {
     await Promise.race([this.ready(), this.firstFailure.promise]);
   }
 
+  /**
+   * Drops the current link as if WiFi had failed: the client reconnects after
+   * `reconnectDelay`, and unacknowledged qos messages are sent again.
+   */
+  disconnect(reason = 'disconnected by the device'): void {
+    this.dropLink(reason);
+  }
+
   override close(): void {
     this.stop.abort();
     super.close();

@@ -3,13 +3,15 @@
  * for the life of the server. Every reconnect of the ID reattaches its new link
  * here, so the id counter, duplicate ring and unacknowledged messages carry on.
  */
-import { Endpoint, EndpointOptions } from './endpoint';
+import { checkInt, Endpoint, EndpointOptions } from './endpoint';
 import type { Link } from './link';
 
 export interface ConnectionOptions extends EndpointOptions {
   /** ms to wait, after the first bytes from a (re)connected device, before sending it messages (the ESP8266 needs it). Default 200. */
   settleDelay?: number;
 }
+
+export const CONNECTION_DEFAULTS = { settleDelay: 200 } as const;
 
 export class Connection extends Endpoint {
   private readonly settleAfter: number;
@@ -20,7 +22,7 @@ export class Connection extends Endpoint {
     opts: ConnectionOptions,
   ) {
     super({ ...opts, logger: opts.logger?.child({ client: id }) });
-    this.settleAfter = opts.settleDelay ?? 200;
+    this.settleAfter = checkInt('settleDelay', opts.settleDelay ?? CONNECTION_DEFAULTS.settleDelay, 0);
   }
 
   /** Another client's Connection, if that ID has connected (the original's `conn[id]`). */

@@ -10,7 +10,7 @@
  */
 import { EventEmitter } from 'node:events';
 import PQueue from 'p-queue';
-import { abortedError, closedError, payloadError, TetherError } from './errors';
+import { abortedError, closedError, payloadError, TetherError, waitAbortedError } from './errors';
 import type { Link } from './link';
 import type { Logger } from './log';
 import { silentLogger } from './log';
@@ -111,6 +111,9 @@ interface Pending {
   wire: string;
   /** Position in this endpoint's stream of messages, to bound id reuse. */
   seq: number;
+  /** When it was first sent (never updated). */
+  firstSent: number;
+  /** When it was last sent (updated by every resend). */
   sentAt: number;
   /** Settles when the peer ACKs it (or the endpoint closes). */
   acked: Promise<void>;
@@ -121,6 +124,14 @@ interface Pending {
 interface Reader {
   resolve(line: string): void;
   reject(e: unknown): void;
+}
+
+/** An option's value, or a TetherError saying what range it must be in. */
+export function checkInt(name: string, v: number, min: number, max = Number.MAX_SAFE_INTEGER): number {
+  if (!Number.isInteger(v) || v < min || v > max) {
+    throw new TetherError('ERR_BAD_CONFIG', `option ${name} must be an integer from ${min} to ${max}, got ${JSON.stringify(v)}`);
+  }
+  return v;
 }
 
 export type EndpointState = 'up' | 'down' | 'closed';
@@ -162,11 +173,11 @@ export abstract class Endpoint extends EventEmitter {
 
   constructor(opts: EndpointOptions) {
     super();
-    this.timeout = opts.timeout ?? ENDPOINT_DEFAULTS.timeout;
-    this.maxLineLength = opts.maxLineLength ?? ENDPOINT_DEFAULTS.maxLineLength;
-    this.rxBuffer = opts.rxBuffer ?? ENDPOINT_DEFAULTS.rxBuffer;
-    this.maxQueuedWrites = opts.maxQueuedWrites ?? ENDPOINT_DEFAULTS.maxQueuedWrites;
-    this.window = Math.min(opts.window ?? ENDPOINT_DEFAULTS.window, MAX_MID_SPAN);
+    this.timeout = checkInt('timeout', opts.timeout ?? ENDPOINT_DEFAULTS.timeout, 4);
+    this.maxLineLength = checkInt('maxLineLength', opts.maxLineLength ?? ENDPOINT_DEFAULTS.maxLineLength, 3);
+    this.rxBuffer = checkInt('rxBuffer', opts.rxBuffer ?? ENDPOINT_DEFAULTS.rxBuffer, 1);
+    this.maxQueuedWrites = checkInt('maxQueuedWrites', opts.maxQueuedWrites ?? ENDPOINT_DEFAULTS.maxQueuedWrites, 1);
+    this.window = checkInt('window', opts.window ?? ENDPOINT_DEFAULTS.window, 1, MAX_MID_SPAN);
     this.log = opts.logger ?? silentLogger;
     this.splitter = new LineSplitter(this.maxLineLength);
   }
@@ -205,7 +216,7 @@ export abstract class Endpoint extends EventEmitter {
   async ready(signal?: AbortSignal): Promise<void> {
     while (!this.up) {
       if (this.closed) throw closedError(this.describe());
-      await this.changed.wait(signal, abortedError);
+      await this.changed.wait(signal, waitAbortedError('ready()'));
     }
   }
 
@@ -277,7 +288,7 @@ export abstract class Endpoint extends EventEmitter {
     this.closed = true;
     this.dropLink('closed');
     const err = closedError(this.describe());
-    this.queue.clear();
+    // Queued writes are not cleared: each one runs, sees `closed` and rejects.
     for (const p of this.pending.values()) p.reject(err);
     this.pending.clear();
     for (const r of this.readers.splice(0)) r.reject(err);
@@ -351,7 +362,7 @@ export abstract class Endpoint extends EventEmitter {
     const wasUp = this.up;
     this.up = this.settled = this.gotData = this.congested = this.rxPaused = this.shedding = false;
     if (wasUp) {
-      this.counters.outages++;
+      if (!this.closed) this.counters.outages++;
       this.log.info('link down', { remote: link.remote, reason });
       this.emit('down', reason);
     }
@@ -392,6 +403,7 @@ export abstract class Endpoint extends EventEmitter {
         }, this.settleDelay);
       } else {
         this.settled = true;
+        this.afterSettle();
       }
     }
     this.splitter.push(chunk, this.onLine, this.onLongLine);
@@ -454,7 +466,12 @@ export abstract class Endpoint extends EventEmitter {
     if (mid === 0) this.lastMid0 = payload;
     this.counters.messagesIn++;
     const line = payload + '\n';
-    this.emit('line', line);
+    try {
+      this.emit('line', line);
+    } catch (e) {
+      // An observer's bug must not take the link (or the process) down.
+      this.log.error('a "line" listener threw; the line is still delivered', { error: (e as Error).stack ?? String(e) });
+    }
     const reader = this.readers.shift();
     if (reader) {
       reader.resolve(line);
@@ -496,7 +513,7 @@ export abstract class Endpoint extends EventEmitter {
     // read on, refusing new messages until the app catches up.
     if (this.rxPaused && !this.shedding && this.link) {
       const oldest = this.pending.values().next().value as Pending;
-      if (now - oldest.sentAt >= this.timeout) {
+      if (now - oldest.firstSent >= this.timeout) {
         this.shedding = true;
         this.lastRx = now;
         this.link.resume();
@@ -545,7 +562,8 @@ export abstract class Endpoint extends EventEmitter {
     if (qos) {
       const d = deferred();
       d.promise.catch(() => {}); // observed by write(); never an unhandled rejection
-      sent = { mid, wire, seq: this.seq, sentAt: Date.now(), acked: d.promise, resolve: d.resolve, reject: d.reject };
+      const now = Date.now();
+      sent = { mid, wire, seq: this.seq, firstSent: now, sentAt: now, acked: d.promise, resolve: d.resolve, reject: d.reject };
       this.pending.set(mid, sent);
     }
     this.sendRaw(wire);

@@ -45,10 +45,19 @@ export function closedError(what: string): TetherError {
   return new TetherError('ERR_CLOSED', `${what} is closed: create a new one (or do not close it while it is in use).`);
 }
 
+/** A write given up through its AbortSignal. */
 export function abortedError(reason?: unknown): TetherError {
-  const why = reason instanceof Error ? reason.message : reason !== undefined ? String(reason) : 'aborted by its signal';
   return new TetherError(
     'ERR_ABORTED',
-    `write aborted (${why}); if the line was already sent it may or may not have been delivered`,
+    `write aborted (${why(reason)}); if the line was already sent it may or may not have been delivered`,
   );
+}
+
+/** Any other wait (ready, clientConn…) given up through its AbortSignal. */
+export function waitAbortedError(what: string): (reason: unknown) => TetherError {
+  return (reason) => new TetherError('ERR_ABORTED', `${what} aborted (${why(reason)})`);
+}
+
+function why(reason: unknown): string {
+  return reason instanceof Error ? reason.message : reason !== undefined ? String(reason) : 'aborted by its signal';
 }

@@ -7,7 +7,8 @@ import { EventEmitter } from 'node:events';
 import { isUtf8 } from 'node:buffer';
 import type { AddressInfo } from 'node:net';
 import { Connection, ConnectionOptions } from './connection';
-import { closedError, TetherError } from './errors';
+import { checkInt, ENDPOINT_DEFAULTS } from './endpoint';
+import { closedError, TetherError, waitAbortedError } from './errors';
 import type { Link } from './link';
 import { createLogger, Logger } from './log';
 import { TcpTransport } from './transports/tcp';
@@ -86,8 +87,8 @@ export class Server extends EventEmitter {
     super();
     this.log = opts.logger ?? createLogger();
     this.connOpts = { ...opts, logger: this.log };
-    this.idTimeout = opts.idTimeout ?? opts.timeout ?? 2000;
-    this.maxIdLength = opts.maxIdLength ?? SERVER_DEFAULTS.maxIdLength;
+    this.idTimeout = checkInt('idTimeout', opts.idTimeout ?? opts.timeout ?? ENDPOINT_DEFAULTS.timeout, 1);
+    this.maxIdLength = checkInt('maxIdLength', opts.maxIdLength ?? SERVER_DEFAULTS.maxIdLength, 1);
     this.allow = opts.allow ? new Set(opts.allow) : null;
     this.expected = opts.expected ?? [];
     this.duplicateId = opts.duplicateId ?? SERVER_DEFAULTS.duplicateId;
@@ -130,7 +131,7 @@ export class Server extends EventEmitter {
       const c = this.conns.get(id);
       if (c) return c;
       if (this.closed) throw closedError('the server');
-      await this.arrived.wait(signal);
+      await this.arrived.wait(signal, waitAbortedError(`clientConn(${JSON.stringify(id)})`));
     }
   }
 
@@ -241,6 +242,13 @@ export class Server extends EventEmitter {
       }
       conn = new Connection(id, (other) => this.conns.get(other), this.connOpts);
       this.conns.set(id, conn);
+      const created = conn;
+      // An app that closes a Connection retires it: the ID's next link starts a fresh one.
+      created.once('close', () => {
+        if (this.closed || this.conns.get(id) !== created) return;
+        this.conns.delete(id);
+        this.log.info('connection closed by the app: its next link starts a fresh Connection', { id });
+      });
       this.emit('connection', conn);
       this.arrived.notify();
     }

@@ -1,0 +1,270 @@
+/**
+ * The `tether` command: serve, sim, demo. Thin: everything it does is a few calls
+ * into the library.
+ */
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { parseArgs } from 'node:util';
+import { AppRunner, DeviceFn, LoadedApp, loadApp } from './apps';
+import { Client } from './client';
+import { loadConfig, resolveConfig, TetherConfig } from './config';
+import { createLogger, Logger } from './log';
+import { Server } from './server';
+import { sleep } from './util';
+
+const USAGE = `usage: tether <command> [options]
+
+commands:
+  serve   run the server with the configured apps
+  sim     run simulated devices against a server
+  demo    server + example apps + simulated fleet in one process
+
+options (all commands):
+  --config FILE      config file (default: ./local.json if present, else built-in defaults)
+  --port N           override the config's port
+  --log-level LEVEL  debug | info | warn | error | silent
+  --log-format F     pretty | json
+serve / demo:
+  --host ADDR        address to listen on (overrides the config's host)
+  --app FILE[=IDS]   add an app script; IDS is a comma list or * (repeatable)
+  --duration S       stop after S seconds (default: run until Ctrl-C)
+demo:
+  --outage-every S   cut one simulated device's link every S seconds (default 15, 0 = never)
+sim:
+  --server ADDR      server address (overrides the config's server)
+  --clients N        simulate N devices sim-1..sim-N (default: the config's clients)
+  --ids A,B,C        simulate exactly these IDs
+  --app FILE         run the device half of this app script on each device
+`;
+
+interface Opts {
+  config?: string;
+  port?: string;
+  host?: string;
+  server?: string;
+  app?: string[];
+  clients?: string;
+  ids?: string;
+  duration?: string;
+  'outage-every'?: string;
+  'log-level'?: string;
+  'log-format'?: string;
+  help?: boolean;
+}
+
+function readConfig(o: Opts): TetherConfig {
+  const file = o.config ?? (fs.existsSync('local.json') ? 'local.json' : undefined);
+  const cfg = file ? loadConfig(file) : resolveConfig({});
+  const over: Record<string, unknown> = {};
+  if (o.port !== undefined) over.port = Number(o.port);
+  if (o.host !== undefined) over.host = o.host;
+  if (o.server !== undefined) over.server = o.server;
+  const log = { ...cfg.log };
+  if (o['log-level']) log.level = o['log-level'] as typeof log.level;
+  if (o['log-format']) log.format = o['log-format'] as typeof log.format;
+  const { baseDir, ...rest } = cfg;
+  return resolveConfig({ ...rest, ...over, log }, file ?? 'command line', baseDir);
+}
+
+function makeLogger(cfg: TetherConfig): Logger {
+  return createLogger({ level: cfg.log.level, format: cfg.log.format, stream: process.stdout });
+}
+
+function appsFrom(cfg: TetherConfig, o: Opts): LoadedApp[] {
+  const apps = cfg.apps.map((a) => loadApp(path.resolve(cfg.baseDir, a.script), a.clients));
+  for (const arg of o.app ?? []) {
+    const [file, idList] = arg.split('=');
+    const ids = idList === undefined ? undefined : idList === '*' ? '*' : idList.split(',').filter(Boolean);
+    apps.push(loadApp(file, ids));
+  }
+  return apps;
+}
+
+function serverOptions(cfg: TetherConfig, log: Logger) {
+  const expected = cfg.clients.length > 0 ? cfg.clients : undefined;
+  return { ...cfg, expected, logger: log };
+}
+
+/** Resolves on SIGINT/SIGTERM or after `duration` seconds. */
+function untilStopped(duration: number | undefined, log: Logger): Promise<void> {
+  return new Promise((resolve) => {
+    const done = (why: string) => {
+      process.off('SIGINT', onInt);
+      process.off('SIGTERM', onTerm);
+      clearTimeout(timer);
+      log.info('stopping', { why });
+      resolve();
+    };
+    const onInt = () => done('SIGINT');
+    const onTerm = () => done('SIGTERM');
+    process.once('SIGINT', onInt);
+    process.once('SIGTERM', onTerm);
+    const timer = duration ? setTimeout(() => done(`--duration ${duration}s elapsed`), duration * 1000) : undefined;
+  });
+}
+
+/** A device that says hello every few seconds and logs what it receives. */
+const chatter: DeviceFn = async (client, ctx) => {
+  const reader = (async () => {
+    for await (const line of client) ctx.log.info('device received', { line: line.trimEnd() });
+  })();
+  for (let n = 1; !ctx.signal.aborted; n++) {
+    await client.write(JSON.stringify({ hello: n, connects: client.connects }), { signal: ctx.signal }).catch(() => {});
+    await sleep(3000, ctx.signal);
+  }
+  await reader;
+};
+
+class Fleet {
+  readonly devices = new Map<string, Client>();
+  private readonly stop = new AbortController();
+  private readonly tasks: Promise<unknown>[] = [];
+
+  constructor(
+    private readonly cfg: TetherConfig,
+    private readonly log: Logger,
+  ) {}
+
+  start(id: string, fn: DeviceFn): void {
+    if (this.devices.has(id)) return;
+    const client = new Client({
+      id,
+      host: this.cfg.server,
+      port: this.cfg.port,
+      timeout: this.cfg.timeout,
+      maxLineLength: this.cfg.maxLineLength,
+      logger: this.log,
+    });
+    this.devices.set(id, client);
+    const ctx = { id, log: this.log.child({ device: id }), signal: this.stop.signal };
+    this.tasks.push(
+      (async () => {
+        await client.connect();
+        await fn(client, ctx);
+      })().catch((e) => {
+        if (!this.stop.signal.aborted) ctx.log.error('simulated device failed', { error: (e as Error).stack });
+      }),
+    );
+  }
+
+  async close(): Promise<void> {
+    this.stop.abort();
+    for (const c of this.devices.values()) c.close();
+    await Promise.allSettled(this.tasks);
+  }
+}
+
+function summary(server: Server): string {
+  const rows = server.connections().map((c) => {
+    const k = c.counters;
+    return [c.id, c.state, k.connects, k.outages, k.messagesIn, k.messagesOut, k.retransmits, k.duplicatesDropped];
+  });
+  const head = ['client', 'state', 'connects', 'outages', 'in', 'out', 'retransmits', 'dupes dropped'];
+  const all = [head, ...rows].map((r) => r.map(String));
+  const w = head.map((_, i) => Math.max(...all.map((r) => r[i].length)));
+  return all.map((r) => r.map((c, i) => c.padEnd(w[i])).join('  ')).join('\n');
+}
+
+async function serve(o: Opts, withFleet: boolean): Promise<void> {
+  const cfg = readConfig(o);
+  const log = makeLogger(cfg);
+  const apps = appsFrom(cfg, o);
+  if (withFleet && apps.length === 0) {
+    throw new Error('the demo needs apps: add "apps" to the config (see local.json in the repository) or pass --app');
+  }
+  const server = await Server.listen(serverOptions(cfg, log));
+  const runner = new AppRunner(server, log);
+  for (const app of apps) runner.add(app);
+
+  let fleet: Fleet | null = null;
+  let cutter: NodeJS.Timeout | undefined;
+  if (withFleet) {
+    fleet = new Fleet({ ...cfg, port: server.port }, log.child({ side: 'device' }));
+    for (const app of apps) {
+      if (app.clients === '*') continue;
+      for (const id of app.clients) fleet.start(id, app.device ?? chatter);
+    }
+    const every = Number(o['outage-every'] ?? 15);
+    if (every > 0) {
+      const f = fleet;
+      cutter = setInterval(() => {
+        const ids = [...f.devices.keys()];
+        const id = ids[Math.floor(Math.random() * ids.length)];
+        log.info('demo: cutting a device link to show an outage healing', { device: id });
+        f.devices.get(id)?.disconnect('demo: simulated WiFi loss');
+      }, every * 1000);
+    }
+    log.info('demo running: apps and simulated devices exchange messages; Ctrl-C to stop', {
+      devices: fleet.devices.size,
+      port: server.port,
+    });
+  }
+  await untilStopped(o.duration ? Number(o.duration) : undefined, log);
+  clearInterval(cutter);
+  await fleet?.close();
+  const appsDone = runner.close();
+  await server.close();
+  await appsDone;
+  process.stdout.write('\n' + summary(server) + '\n');
+}
+
+async function sim(o: Opts): Promise<void> {
+  const cfg = readConfig(o);
+  const log = makeLogger(cfg);
+  let ids: string[];
+  if (o.ids) ids = o.ids.split(',').filter(Boolean);
+  else if (o.clients) ids = Array.from({ length: Number(o.clients) }, (_, i) => `sim-${i + 1}`);
+  else ids = cfg.clients;
+  if (ids.length === 0) throw new Error('no devices to simulate: pass --clients N or --ids a,b or list "clients" in the config');
+  const fn = o.app?.[0] ? (loadApp(o.app[0]).device ?? chatter) : chatter;
+  const fleet = new Fleet(cfg, log);
+  for (const id of ids) fleet.start(id, fn);
+  log.info('simulating devices', { devices: ids.length, server: `${cfg.server}:${cfg.port}` });
+  await untilStopped(o.duration ? Number(o.duration) : undefined, log);
+  await fleet.close();
+}
+
+export async function main(argv: string[]): Promise<number> {
+  const [cmd, ...rest] = argv;
+  let o: Opts;
+  try {
+    o = parseArgs({
+      args: rest,
+      options: {
+        config: { type: 'string' },
+        port: { type: 'string' },
+        host: { type: 'string' },
+        server: { type: 'string' },
+        app: { type: 'string', multiple: true },
+        clients: { type: 'string' },
+        ids: { type: 'string' },
+        duration: { type: 'string' },
+        'outage-every': { type: 'string' },
+        'log-level': { type: 'string' },
+        'log-format': { type: 'string' },
+        help: { type: 'boolean', short: 'h' },
+      },
+    }).values as Opts;
+  } catch (e) {
+    process.stderr.write(`tether: ${(e as Error).message}\n\n${USAGE}`);
+    return 2;
+  }
+  if (o.help || !cmd || cmd === 'help') {
+    process.stdout.write(USAGE);
+    return cmd ? 0 : 2;
+  }
+  try {
+    if (cmd === 'serve') await serve(o, false);
+    else if (cmd === 'demo') await serve(o, true);
+    else if (cmd === 'sim') await sim(o);
+    else {
+      process.stderr.write(`tether: unknown command "${cmd}"\n\n${USAGE}`);
+      return 2;
+    }
+    return 0;
+  } catch (e) {
+    process.stderr.write(`tether: ${(e as Error).message}\n`);
+    return 1;
+  }
+}
+

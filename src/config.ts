@@ -1,0 +1,154 @@
+/**
+ * `local.json`: one file for the server, the simulated devices and the apps.
+ * Every key is optional and has a documented default; unknown keys and wrong
+ * types are errors that say what to change.
+ */
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { TetherError } from './errors';
+import type { Level } from './log';
+import type { DuplicateIdPolicy } from './server';
+
+export interface AppSpec {
+  /** Path of the app script, relative to the config file. */
+  script: string;
+  /** Client IDs to run it for; `"*"` runs it for every ID that connects. Default: the script's own `clients` export, else `"*"`. */
+  clients?: string[] | '*';
+}
+
+export interface TetherConfig {
+  /** Address the server listens on. */
+  host: string;
+  /** Address devices (and `tether sim`) connect to. */
+  server: string;
+  port: number;
+  timeout: number;
+  settleDelay: number;
+  maxLineLength: number;
+  maxIdLength: number;
+  idTimeout: number;
+  rxBuffer: number;
+  maxQueuedWrites: number;
+  window: number;
+  /** Device IDs the apps expect (used by `waitAll` and by the simulator). */
+  clients: string[];
+  allow: string[] | null;
+  duplicateId: DuplicateIdPolicy;
+  apps: AppSpec[];
+  log: { level: Level; format: 'pretty' | 'json' };
+  /** Folder the config was read from; app scripts resolve against it. */
+  baseDir: string;
+}
+
+export const CONFIG_DEFAULTS: Omit<TetherConfig, 'baseDir' | 'idTimeout'> & { idTimeout: number | null } = {
+  host: '0.0.0.0',
+  server: '127.0.0.1',
+  port: 8123,
+  timeout: 2000,
+  settleDelay: 200,
+  maxLineLength: 65536,
+  maxIdLength: 1024,
+  idTimeout: null, // = timeout
+  rxBuffer: 64,
+  maxQueuedWrites: 64,
+  window: 8,
+  clients: [],
+  allow: null,
+  duplicateId: 'ignore-new',
+  apps: [],
+  log: { level: 'info', format: 'pretty' },
+};
+
+type Check = (v: unknown) => string | null;
+const int =
+  (min: number, max: number): Check =>
+  (v) =>
+    Number.isInteger(v) && (v as number) >= min && (v as number) <= max ? null : `an integer from ${min} to ${max}`;
+const str: Check = (v) => (typeof v === 'string' && v.length > 0 ? null : 'a non-empty string');
+const ids: Check = (v) =>
+  Array.isArray(v) && v.every((x) => typeof x === 'string' && x.length > 0 && !x.includes('\n'))
+    ? null
+    : 'a list of client IDs (non-empty strings without "\\n")';
+const oneOf =
+  (...opts: string[]): Check =>
+  (v) =>
+    opts.includes(v as string) ? null : `one of ${opts.map((o) => JSON.stringify(o)).join(', ')}`;
+
+const CHECKS: Record<string, Check> = {
+  host: str,
+  server: str,
+  port: int(0, 65535),
+  timeout: int(40, 3_600_000),
+  settleDelay: int(0, 60_000),
+  maxLineLength: int(8, 64 * 1024 * 1024),
+  maxIdLength: int(1, 1024 * 1024),
+  idTimeout: (v) => (v === null ? null : int(1, 3_600_000)(v)),
+  rxBuffer: int(1, 1_000_000),
+  maxQueuedWrites: int(1, 1_000_000),
+  window: int(1, 100),
+  clients: ids,
+  allow: (v) => (v === null ? null : ids(v)),
+  duplicateId: oneOf('ignore-new', 'replace-old'),
+  apps: (v) =>
+    Array.isArray(v) &&
+    v.every(
+      (a) =>
+        a &&
+        typeof a === 'object' &&
+        typeof a.script === 'string' &&
+        (a.clients === undefined || a.clients === '*' || ids(a.clients) === null),
+    )
+      ? null
+      : 'a list of { "script": "path", "clients": ["id", …] or "*" }',
+  log: (v) =>
+    v &&
+    typeof v === 'object' &&
+    Object.keys(v).every((k) => k === 'level' || k === 'format') &&
+    (oneOf('debug', 'info', 'warn', 'error', 'silent')((v as { level?: unknown }).level ?? 'info') === null) &&
+    (oneOf('pretty', 'json')((v as { format?: unknown }).format ?? 'pretty') === null)
+      ? null
+      : '{ "level": "debug"|"info"|"warn"|"error"|"silent", "format": "pretty"|"json" }',
+};
+
+function bad(where: string, msg: string): TetherError {
+  return new TetherError('ERR_BAD_CONFIG', `${where}: ${msg}`);
+}
+
+/** Validates a parsed config object and fills in the defaults. */
+export function resolveConfig(raw: unknown, where = 'config', baseDir = process.cwd()): TetherConfig {
+  if (!raw || typeof raw !== 'object' || Array.isArray(raw)) throw bad(where, 'must be a JSON object, e.g. { "port": 8123 }');
+  const obj = raw as Record<string, unknown>;
+  for (const [key, value] of Object.entries(obj)) {
+    if (key.startsWith('$') || key === 'comment') continue; // room for "$schema" and notes
+    const check = CHECKS[key];
+    if (!check) {
+      throw bad(where, `unknown key "${key}". Known keys: ${Object.keys(CHECKS).join(', ')}`);
+    }
+    const want = check(value);
+    if (want) throw bad(where, `"${key}" must be ${want}, got ${JSON.stringify(value)}`);
+  }
+  const merged = { ...CONFIG_DEFAULTS, ...obj } as typeof CONFIG_DEFAULTS;
+  return {
+    ...merged,
+    log: { ...CONFIG_DEFAULTS.log, ...(obj.log as object) },
+    idTimeout: merged.idTimeout ?? merged.timeout,
+    baseDir,
+  };
+}
+
+/** Reads and validates a config file. */
+export function loadConfig(file: string): TetherConfig {
+  let text: string;
+  try {
+    text = fs.readFileSync(file, 'utf8');
+  } catch (e) {
+    throw bad(file, `cannot read it (${(e as NodeJS.ErrnoException).code ?? e}): check the path, or omit --config to use the defaults`);
+  }
+  let raw: unknown;
+  try {
+    raw = JSON.parse(text);
+  } catch (e) {
+    throw bad(file, `not valid JSON (${(e as Error).message}): fix the syntax`);
+  }
+  return resolveConfig(raw, file, path.dirname(path.resolve(file)));
+}
