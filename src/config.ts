@@ -118,15 +118,18 @@ function bad(where: string, msg: string): TetherError {
 export function resolveConfig(raw: unknown, where = 'config', baseDir = process.cwd()): TetherConfig {
   if (!raw || typeof raw !== 'object' || Array.isArray(raw)) throw bad(where, 'must be a JSON object, e.g. { "port": 8123 }');
   const obj = raw as Record<string, unknown>;
+  const problems: string[] = [];
   for (const [key, value] of Object.entries(obj)) {
     if (key.startsWith('$') || key === 'comment') continue; // room for "$schema" and notes
     const check = CHECKS[key];
     if (!check) {
-      throw bad(where, `unknown key "${key}". Known keys: ${Object.keys(CHECKS).join(', ')}`);
+      problems.push(`unknown key "${key}". Known keys: ${Object.keys(CHECKS).join(', ')}`);
+      continue;
     }
     const want = check(value);
-    if (want) throw bad(where, `"${key}" must be ${want}, got ${JSON.stringify(value)}`);
+    if (want) problems.push(`"${key}" must be ${want}, got ${JSON.stringify(value)}`);
   }
+  if (problems.length > 0) throw bad(where, problems.join('; '));
   const merged = { ...CONFIG_DEFAULTS, ...obj } as typeof CONFIG_DEFAULTS;
   return {
     ...merged,

@@ -207,6 +207,11 @@ export abstract class Endpoint extends EventEmitter {
     return this.pending.size;
   }
 
+  /** Writes accepted by write() and not yet sent (queued, or waiting for room in the window). */
+  get queuedWrites(): number {
+    return this.queue.size + this.queue.pending;
+  }
+
   /** Received lines waiting to be read. */
   get buffered(): number {
     return this.rx.length;

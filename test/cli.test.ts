@@ -1,0 +1,71 @@
+/**
+ * The `tether` command as a newcomer runs it: a child process, real sockets.
+ */
+import test from 'ava';
+import { execFile, spawn } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+
+const BIN = path.join(__dirname, '..', 'bin', 'tether.js');
+
+function run(args: string[], timeoutMs = 60_000): Promise<{ code: number | null; out: string; err: string }> {
+  return new Promise((resolve) => {
+    execFile(process.execPath, [BIN, ...args], { timeout: timeoutMs, cwd: path.join(__dirname, '..') }, (e, out, err) =>
+      resolve({ code: e ? ((e as { code?: number }).code ?? null) : 0, out, err }),
+    );
+  });
+}
+
+test('demo: apps and simulated devices exchange messages, an outage heals, it exits cleanly', async (t) => {
+  const r = await run(['demo', '--port', '0', '--duration', '10', '--outage-every', '3']);
+  t.is(r.code, 0, r.err);
+  t.regex(r.out, /app got .*from=1/, 'the server app hears device 1');
+  t.regex(r.out, /device got .*device=2/, 'device 2 hears its app');
+  t.regex(r.out, /LED (on|off)/, 'the remote control drives the LED');
+  t.regex(r.out, /cutting a device link/);
+  t.regex(r.out, /link up .*connects=2/, 'a cut device reconnected');
+  // Final table: every expected client connected.
+  for (const id of ['1', '2', '3', '4', 'tx', 'rx']) t.regex(r.out, new RegExp(`^${id}\\s+closed\\s+\\d+`, 'm'));
+});
+
+test('serve and sim: two processes talk over TCP', async (t) => {
+  const port = 20000 + Math.floor(Math.random() * 20000);
+  const srv = spawn(process.execPath, [BIN, 'serve', '--port', String(port), '--app', 'examples/json-exchange.ts=*', '--duration', '8'], {
+    cwd: path.join(__dirname, '..'),
+  });
+  let out = '';
+  srv.stdout.on('data', (d) => (out += d));
+  t.teardown(() => srv.kill());
+  await new Promise<void>((resolve, reject) => {
+    const check = () => (out.includes('listening') ? resolve() : undefined);
+    srv.stdout.on('data', check);
+    srv.once('exit', () => reject(new Error(`server exited early: ${out}`)));
+  });
+  const sim = await run(['sim', '--port', String(port), '--ids', 'sim-a,sim-b', '--app', 'examples/json-exchange.ts', '--duration', '5']);
+  t.is(sim.code, 0, sim.err);
+  t.regex(sim.out, /device got .*device=sim-a/);
+  const code = await new Promise((r) => srv.once('exit', r));
+  t.is(code, 0);
+  t.regex(out, /app got .*from=sim-b/);
+});
+
+test('a bad config is refused with a message that says what to fix', async (t) => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tether-'));
+  const file = path.join(dir, 'bad.json');
+  fs.writeFileSync(file, JSON.stringify({ port: 'eighty', timout: 2000 }));
+  const r = await run(['serve', '--config', file]);
+  t.is(r.code, 1);
+  t.regex(r.err, /unknown key "timout"\. Known keys: .*timeout/);
+  fs.writeFileSync(file, JSON.stringify({ port: 99999 }));
+  const r2 = await run(['serve', '--config', file]);
+  t.regex(r2.err, /"port" must be an integer from 0 to 65535, got 99999/);
+  fs.writeFileSync(file, '{ "port": ');
+  const r3 = await run(['serve', '--config', file]);
+  t.regex(r3.err, /not valid JSON .*fix the syntax/);
+  const r4 = await run(['serve', '--config', path.join(dir, 'missing.json')]);
+  t.regex(r4.err, /cannot read it \(ENOENT\)/);
+  const r5 = await run(['bogus']);
+  t.is(r5.code, 2);
+  t.regex(r5.err, /unknown command "bogus"/);
+});
