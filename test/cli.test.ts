@@ -29,25 +29,31 @@ test('demo: apps and simulated devices exchange messages, an outage heals, it ex
   for (const id of ['1', '2', '3', '4', 'tx', 'rx']) t.regex(r.out, new RegExp(`^${id}\\s+closed\\s+\\d+`, 'm'));
 });
 
-test('serve and sim: two processes talk over TCP', async (t) => {
+test('serve and sim: two processes talk over TCP; SIGTERM stops the server cleanly', async (t) => {
   const port = 20000 + Math.floor(Math.random() * 20000);
-  const srv = spawn(process.execPath, [BIN, 'serve', '--port', String(port), '--app', 'examples/json-exchange.ts=*', '--duration', '8'], {
+  const srv = spawn(process.execPath, [BIN, 'serve', '--port', String(port), '--app', 'examples/json-exchange.ts=*'], {
     cwd: path.join(__dirname, '..'),
   });
+  const exited = new Promise<number | null>((r) => srv.once('exit', (code) => r(code)));
   let out = '';
   srv.stdout.on('data', (d) => (out += d));
-  t.teardown(() => srv.kill());
-  await new Promise<void>((resolve, reject) => {
-    const check = () => (out.includes('listening') ? resolve() : undefined);
-    srv.stdout.on('data', check);
-    srv.once('exit', () => reject(new Error(`server exited early: ${out}`)));
-  });
+  t.teardown(() => srv.kill('SIGKILL'));
+  await Promise.race([
+    new Promise<void>((resolve) => {
+      const check = () => out.includes('listening') && resolve();
+      srv.stdout.on('data', check);
+      check();
+    }),
+    exited.then(() => Promise.reject(new Error(`server exited early: ${out}`))),
+  ]);
   const sim = await run(['sim', '--port', String(port), '--ids', 'sim-a,sim-b', '--app', 'examples/json-exchange.ts', '--duration', '5']);
   t.is(sim.code, 0, sim.err);
   t.regex(sim.out, /device got .*device=sim-a/);
-  const code = await new Promise((r) => srv.once('exit', r));
-  t.is(code, 0);
+  srv.kill('SIGTERM');
+  t.is(await exited, 0);
   t.regex(out, /app got .*from=sim-b/);
+  t.regex(out, /stopping why=SIGTERM/);
+  t.regex(out, /^sim-a\s+closed/m, 'the exit table lists the simulated devices');
 });
 
 test('a bad config is refused with a message that says what to fix', async (t) => {
