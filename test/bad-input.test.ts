@@ -8,6 +8,7 @@ import test, { ExecutionContext } from 'ava';
 import { createHook } from 'node:async_hooks';
 import * as net from 'node:net';
 import { Client, Connection, createLogger, LogRecord, Server, ServerOptions, TetherError, TetherErrorCode } from '../src';
+import { prng } from './helpers/prng';
 
 const TIMEOUT = 600;
 const HOST = '127.0.0.1';
@@ -36,17 +37,6 @@ async function within<T>(p: Promise<T>, limit: number, what: string): Promise<T>
   }
 }
 
-/** mulberry32, for reproducible junk. */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let x = a;
-    x = Math.imul(x ^ (x >>> 15), x | 1);
-    x ^= x + Math.imul(x ^ (x >>> 7), x | 61);
-    return ((x ^ (x >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 /** A hand-driven device: a raw socket that sends exactly what the test says. */
 class RawPeer {

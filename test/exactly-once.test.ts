@@ -2,8 +2,8 @@
  * Node client ↔ server through a fault-injecting proxy: qos messages both ways
  * arrive exactly once and in order across abrupt cuts and silent blackholes.
  */
-import test from 'ava';
-import { Client, Server, silentLogger } from '../src';
+import test, { ExecutionContext } from 'ava';
+import { Client, ClientOptions, Server, silentLogger } from '../src';
 import { FaultProxy } from './helpers/proxy';
 import { eventually } from './helpers/raw';
 
@@ -12,17 +12,22 @@ const N = 1000;
 /** A fault every this many messages received by the server. */
 const FAULT_EVERY = 110;
 
-test('1,000 qos messages each way survive repeated cuts and blackholes, exactly once, in order', async (t) => {
+/** A server, a fault proxy in front of it, and one client through the proxy, torn down after the test. */
+async function rig(t: ExecutionContext, id: string, clientOpts: Partial<ClientOptions> = {}) {
   const server = await Server.listen({ host: '127.0.0.1', port: 0, timeout: TIMEOUT, settleDelay: 50, logger: silentLogger });
   const proxy = await FaultProxy.start(server.port);
-  const client = new Client({ id: 'survivor', port: proxy.port, timeout: TIMEOUT, reconnectDelay: 200, retryMin: 50 });
+  const client = new Client({ id, port: proxy.port, timeout: TIMEOUT, reconnectDelay: 200, retryMin: 50, ...clientOpts });
   t.teardown(async () => {
     client.close();
     await proxy.close();
     await server.close();
   });
   await client.connect();
-  const conn = await server.clientConn('survivor');
+  return { server, proxy, client, conn: await server.clientConn(id) };
+}
+
+test('1,000 qos messages each way survive repeated cuts and blackholes, exactly once, in order', async (t) => {
+  const { proxy, client, conn } = await rig(t, 'survivor');
 
   const atServer: number[] = [];
   const atClient: number[] = [];
@@ -64,16 +69,7 @@ test('1,000 qos messages each way survive repeated cuts and blackholes, exactly 
 });
 
 test('qos with a window (wait: false) also arrives exactly once across outages', async (t) => {
-  const server = await Server.listen({ host: '127.0.0.1', port: 0, timeout: TIMEOUT, settleDelay: 50, logger: silentLogger });
-  const proxy = await FaultProxy.start(server.port);
-  const client = new Client({ id: 'windowed', port: proxy.port, timeout: TIMEOUT, reconnectDelay: 200, retryMin: 50, window: 8 });
-  t.teardown(async () => {
-    client.close();
-    await proxy.close();
-    await server.close();
-  });
-  await client.connect();
-  const conn = await server.clientConn('windowed');
+  const { proxy, client, conn } = await rig(t, 'windowed', { window: 8 });
   const got: number[] = [];
   const reads = (async () => {
     while (got.length < 500) {

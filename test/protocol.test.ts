@@ -17,20 +17,10 @@ import {
   parseMid,
   payloadProblem,
 } from '../src/protocol';
+import { prng } from './helpers/prng';
 
 // ---- helpers ----------------------------------------------------------------
 
-/** mulberry32: a tiny seeded PRNG, so failures can be replayed from the seed. */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let x = a;
-    x = Math.imul(x ^ (x >>> 15), x | 1);
-    x ^= x + Math.imul(x ^ (x >>> 7), x | 61);
-    return ((x ^ (x >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 /** Seed from TETHER_SEED (to replay a failure) or fresh each run. */
 function pickSeed(): number {
