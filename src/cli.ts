@@ -201,11 +201,12 @@ async function serve(o: Opts, withFleet: boolean): Promise<void> {
   }
   await untilStopped(o.duration ? Number(o.duration) : undefined, log);
   clearInterval(cutter);
+  const table = summary(server); // before shutdown, which would show as outages
   await fleet?.close();
   const appsDone = runner.close();
   await server.close();
   await appsDone;
-  process.stdout.write('\n' + summary(server) + '\n');
+  process.stdout.write('\n' + table + '\n');
 }
 
 async function sim(o: Opts): Promise<void> {

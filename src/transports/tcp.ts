@@ -80,7 +80,10 @@ export class TcpTransport {
       socket.once('close', () => this.sockets.delete(socket));
       this.accept(new TcpLink(socket));
     });
-    this.srv.on('error', (err) => opts.logger.error('TCP listener error', { err }));
+    // Listen errors are reported by listen(); later ones are logged here.
+    this.srv.on('error', (err) => {
+      if (this.srv.listening) opts.logger.error('TCP listener error', { err });
+    });
   }
 
   /** Sockets open right now (handshaking or attached). */
