@@ -300,3 +300,45 @@ asyncio.create_task(remote_rx.main(Client('rx', '127.0.0.1', ${srv.port}, timeou
   await until('LED off', () => mp.pins['2']?.value === 0 && reports.length === 2);
   t.deepEqual(reports, ['{"led": "on"}', '{"led": "off"}']);
 });
+
+test('WiFi loss: the client notices the outage, rejoins WiFi (ESP32: ssid/pw) and resumes', async (t) => {
+  const srv = await server(t, { settleDelay: 0 });
+  const proxy = await FaultProxy.start(srv.port);
+  t.teardown(() => proxy.close());
+  const mp = await startMicroPython({ wifi: { storedCredentials: false } });
+  t.teardown(() => mp.close());
+  await mp.run(driver('mp-9', proxy.port, ", ssid='lab', pw='secret'"));
+  await mp.call('start');
+  const joinsBefore = mp.wifi.connects;
+  t.true(joinsBefore >= 1, 'joined with ssid/pw');
+  // The access point vanishes: no packets either way.
+  mp.wifi.setUp(false);
+  proxy.blackhole();
+  await until('device sees the outage', async () => !(await state(mp)).up, 10 * T);
+  await mp.call('send', 1, 1);
+  await new Promise((r) => setTimeout(r, 3 * T));
+  t.false((await state(mp)).up, 'no link while WiFi is down');
+  mp.wifi.setUp(true);
+  const conn = await srv.clientConn('mp-9');
+  t.is(await conn.readline(), '1\n');
+  t.true(mp.wifi.connects > joinsBefore, 'it called WLAN.connect() again');
+});
+
+test('Client.from_config reads a local.json-style file; arguments override it', async (t) => {
+  const srv = await server(t);
+  const mp = await startMicroPython({
+    files: { '/local.json': JSON.stringify({ id: 'from-file', server: '127.0.0.1', port: srv.port, timeout: T }) },
+  });
+  t.teardown(() => mp.close());
+  await mp.run(`
+import os
+from tether_client import Client
+os.chdir('/')
+c = Client.from_config('local.json')
+await c
+d = Client.from_config('local.json', my_id='override')
+await d
+`);
+  t.truthy(await srv.clientConn('from-file'));
+  t.truthy(await srv.clientConn('override'));
+});
