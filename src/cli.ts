@@ -10,6 +10,7 @@ import { Client } from './client';
 import { loadConfig, resolveConfig, TetherConfig } from './config';
 import { createLogger, Logger } from './log';
 import { Server } from './server';
+import { MeshTransport } from './transports/uart';
 import { sleep } from './util';
 
 const USAGE = `usage: tether <command> [options]
@@ -173,6 +174,15 @@ async function serve(o: Opts, withFleet: boolean): Promise<void> {
     throw new Error('the demo needs apps: add "apps" to the config (see local.json in the repository) or pass --app');
   }
   const server = await Server.listen(serverOptions(cfg, log));
+  let mesh: MeshTransport | null = null;
+  if (cfg.mesh) {
+    const { dataTypes, ...meshOpts } = cfg.mesh;
+    mesh = new MeshTransport(server, {
+      ...meshOpts,
+      dataTypes: dataTypes ? path.resolve(cfg.baseDir, dataTypes) : undefined,
+    });
+    void mesh.open(); // logs and retries until the port is there
+  }
   const runner = new AppRunner(server, log);
   for (const app of apps) runner.add(app);
 
@@ -204,6 +214,7 @@ async function serve(o: Opts, withFleet: boolean): Promise<void> {
   const table = summary(server); // before shutdown, which would show as outages
   await fleet?.close();
   const appsDone = runner.close();
+  await mesh?.close();
   await server.close();
   await appsDone;
   process.stdout.write('\n' + table + '\n');

@@ -6,6 +6,7 @@
 import * as net from 'node:net';
 import { Endpoint, EndpointOptions } from './endpoint';
 import { TetherError } from './errors';
+import type { Link } from './link';
 import { TcpLink } from './transports/tcp';
 import { deferred, Deferred, sleep } from './util';
 
@@ -24,6 +25,11 @@ export interface ClientOptions extends EndpointOptions {
   retryMax?: number;
   /** false: `connect()` rejects if the very first attempt fails (the original's behaviour). Default true. */
   retry?: boolean;
+  /**
+   * Opens one link to the server. Default: a TCP connection to host:port. The
+   * mesh emulator passes its own, so a simulated mesh node runs this same code.
+   */
+  dial?: () => Promise<Link>;
 }
 
 export class Client extends Endpoint {
@@ -34,6 +40,7 @@ export class Client extends Endpoint {
   private readonly retryMin: number;
   private readonly retryMax: number;
   private readonly retry: boolean;
+  private readonly dialLink: () => Promise<Link>;
   private readonly stop = new AbortController();
   private running: Promise<void> | null = null;
   private linkGone: Deferred<boolean> | null = null;
@@ -53,6 +60,7 @@ export class Client extends Endpoint {
     this.retryMin = opts.retryMin ?? 500;
     this.retryMax = opts.retryMax ?? 30000;
     this.retry = opts.retry ?? true;
+    this.dialLink = opts.dial ?? (async () => new TcpLink(await this.dialTcp()));
     this.firstFailure.promise.catch(() => {});
   }
 
@@ -88,7 +96,7 @@ export class Client extends Endpoint {
     this.linkGone?.resolve(wasUp);
   }
 
-  private dial(): Promise<net.Socket> {
+  private dialTcp(): Promise<net.Socket> {
     return new Promise((resolve, reject) => {
       const socket = net.connect({ host: this.host, port: this.port });
       const timer = setTimeout(() => {
@@ -112,9 +120,9 @@ export class Client extends Endpoint {
     const signal = this.stop.signal;
     let backoff = this.retryMin;
     while (!signal.aborted) {
-      let socket: net.Socket;
+      let link: Link;
       try {
-        socket = await this.dial();
+        link = await this.dialLink();
       } catch (e) {
         this.failedAttempts++;
         const msg = (e as Error).message;
@@ -131,11 +139,11 @@ export class Client extends Endpoint {
         continue;
       }
       if (signal.aborted) {
-        socket.destroy();
+        link.close('client closed');
         return;
       }
       this.linkGone = deferred<boolean>();
-      this.attachLink(new TcpLink(socket), undefined, false, 0);
+      this.attachLink(link, undefined, false, 0);
       this.sendRaw(this.id + '\n');
       const wasUp = await this.linkGone.promise;
       this.linkGone = null;

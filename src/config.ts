@@ -16,6 +16,24 @@ export interface AppSpec {
   clients?: string[] | '*';
 }
 
+/** The `mesh` section: MeshOptions of src/transports/uart.ts, `dataTypes` as a path. */
+export interface MeshConfig {
+  path: string;
+  baudRate?: number;
+  dataBits?: 5 | 6 | 7 | 8;
+  stopBits?: 1 | 1.5 | 2;
+  parity?: 'none' | 'even' | 'odd' | 'mark' | 'space';
+  rtscts?: boolean;
+  maxFrame?: number;
+  send?: 'SEND-' | 'SENDI';
+  commandTimeout?: number;
+  maxOutstanding?: number;
+  reopenMin?: number;
+  reopenMax?: number;
+  quarantine?: number;
+  dataTypes?: string;
+}
+
 export interface TetherConfig {
   /** Address the server listens on. */
   host: string;
@@ -35,6 +53,8 @@ export interface TetherConfig {
   allow: string[] | null;
   duplicateId: DuplicateIdPolicy;
   apps: AppSpec[];
+  /** UART transport to an ESP mesh root; null = none. */
+  mesh: MeshConfig | null;
   log: { level: Level; format: 'pretty' | 'json' };
   /** Folder the config was read from; app scripts resolve against it. */
   baseDir: string;
@@ -56,7 +76,25 @@ export const CONFIG_DEFAULTS: Omit<TetherConfig, 'baseDir' | 'idTimeout'> & { id
   allow: null,
   duplicateId: 'ignore-new',
   apps: [],
+  mesh: null,
   log: { level: 'info', format: 'pretty' },
+};
+
+const MESH_CHECKS: Record<string, Check> = {
+  path: (v) => (typeof v === 'string' && v.length > 0 ? null : 'the serial device path, e.g. "/dev/ttyUSB0"'),
+  baudRate: (v) => int(50, 4_000_000)(v),
+  dataBits: (v) => ([5, 6, 7, 8].includes(v as number) ? null : '5, 6, 7 or 8'),
+  stopBits: (v) => ([1, 1.5, 2].includes(v as number) ? null : '1, 1.5 or 2'),
+  parity: (v) => oneOf('none', 'even', 'odd', 'mark', 'space')(v),
+  rtscts: (v) => (typeof v === 'boolean' ? null : 'true or false'),
+  maxFrame: (v) => int(16, 1 << 20)(v),
+  send: (v) => oneOf('SEND-', 'SENDI')(v),
+  commandTimeout: (v) => int(10, 600_000)(v),
+  maxOutstanding: (v) => int(1, 100_000)(v),
+  reopenMin: (v) => int(10, 600_000)(v),
+  reopenMax: (v) => int(10, 3_600_000)(v),
+  quarantine: (v) => int(0, 3_600_000)(v),
+  dataTypes: (v) => (typeof v === 'string' ? null : 'a path to a data-type table JSON file'),
 };
 
 type Check = (v: unknown) => string | null;
@@ -100,6 +138,19 @@ const CHECKS: Record<string, Check> = {
     )
       ? null
       : 'a list of { "script": "path", "clients": ["id", …] or "*" }',
+  mesh: (v) => {
+    if (v === null) return null;
+    if (!v || typeof v !== 'object' || Array.isArray(v)) return 'null or { "path": "/dev/ttyUSB0", … }';
+    const o = v as Record<string, unknown>;
+    if (o.path === undefined) return 'an object with "path" (the serial device of the mesh root)';
+    for (const [k, x] of Object.entries(o)) {
+      const c = MESH_CHECKS[k];
+      if (!c) return `an object with known keys only (${Object.keys(MESH_CHECKS).join(', ')}); "${k}" is unknown`;
+      const want = c(x);
+      if (want) return `an object whose "${k}" is ${want}`;
+    }
+    return null;
+  },
   log: (v) =>
     v &&
     typeof v === 'object' &&

@@ -5,16 +5,21 @@
  */
 import { checkInt, Endpoint, EndpointOptions } from './endpoint';
 import type { Link } from './link';
+import { Telemetry, TelemetryValue } from './telemetry';
 
 export interface ConnectionOptions extends EndpointOptions {
   /** ms to wait, after the first bytes from a (re)connected device, before sending it messages (the ESP8266 needs it). Default 200. */
   settleDelay?: number;
+  /** Samples kept per telemetry name and device. Default 1000. */
+  telemetryHistory?: number;
 }
 
-export const CONNECTION_DEFAULTS = { settleDelay: 200 } as const;
+export const CONNECTION_DEFAULTS = { settleDelay: 200, telemetryHistory: 1000 } as const;
 
 export class Connection extends Endpoint {
   private readonly settleAfter: number;
+  private readonly historySize: number;
+  private history?: Telemetry;
 
   constructor(
     readonly id: string,
@@ -23,11 +28,23 @@ export class Connection extends Endpoint {
   ) {
     super({ ...opts, logger: opts.logger?.child({ client: id }) });
     this.settleAfter = checkInt('settleDelay', opts.settleDelay ?? CONNECTION_DEFAULTS.settleDelay, 0);
+    this.historySize = checkInt('telemetryHistory', opts.telemetryHistory ?? CONNECTION_DEFAULTS.telemetryHistory, 1);
   }
 
   /** Another client's Connection, if that ID has connected (the original's `conn[id]`). */
   peer(id: string): Connection | undefined {
     return this.lookup(id);
+  }
+
+  /** This device's telemetry history (fed by mesh DATA frames and by apps through record()). */
+  get telemetry(): Telemetry {
+    return (this.history ??= new Telemetry(this.historySize));
+  }
+
+  /** Adds a telemetry sample; emits `telemetry` (name, value, t). Latest values are then served without asking the device. */
+  record(name: string, value: TelemetryValue, t = Date.now()): void {
+    this.telemetry.record(name, value, t);
+    this.emit('telemetry', name, value, t);
   }
 
   /** True while a link is attached (the duplicate-ID policy looks at this). */

@@ -9,7 +9,11 @@ export type TetherErrorCode =
   | 'ERR_CLOSED'
   | 'ERR_ABORTED'
   | 'ERR_BAD_CONFIG'
-  | 'ERR_BAD_APP';
+  | 'ERR_BAD_APP'
+  | 'ERR_MESH_COMMAND'
+  | 'ERR_MESH_TIMEOUT'
+  | 'ERR_MESH_PORT'
+  | 'ERR_MESH_RESET';
 
 export class TetherError extends Error {
   constructor(

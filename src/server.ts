@@ -253,6 +253,7 @@ export class Server extends EventEmitter {
       this.arrived.notify();
     }
     conn.attach(link, rest);
+    this.emit('attach', conn, link);
   }
 
   /** Closes every Connection (they reject pending writes and readers) and stops listening. */
