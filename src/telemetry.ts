@@ -52,9 +52,8 @@ export class Telemetry {
 
   /** Latest value of every name. */
   snapshot(): Record<string, Sample> {
-    const out: Record<string, Sample> = {};
-    for (const n of this.series.keys()) out[n] = this.latest(n)!;
-    return out;
+    // fromEntries defines own properties, so a name like "__proto__" is kept as a key.
+    return Object.fromEntries([...this.series.keys()].map((n) => [n, this.latest(n)!]));
   }
 }
 
@@ -94,7 +93,7 @@ export class DataTypeTable {
       if (!t || typeof t.name !== 'string' || !t.name) throw bad(`every data type needs a "name"`);
       if (!Number.isInteger(t.id) || t.id < 0 || t.id > 255) throw bad(`${where}: "id" must be 0-255`);
       if (this.byId.has(t.id)) throw bad(`${where}: id ${t.id} is used twice`);
-      if (!(t.encoding in ENCODINGS)) throw bad(`${where}: "encoding" must be one of ${Object.keys(ENCODINGS).join(', ')}`);
+      if (!Object.hasOwn(ENCODINGS, t.encoding)) throw bad(`${where}: "encoding" must be one of ${Object.keys(ENCODINGS).join(', ')}`);
       const fixed = ENCODINGS[t.encoding];
       if (!Number.isInteger(t.length) || t.length < 1 || t.length > 255 || (fixed > 0 && t.length !== fixed)) {
         throw bad(`${where}: "length" must be ${fixed > 0 ? fixed : '1-255'} for ${t.encoding}`);
@@ -121,7 +120,7 @@ export class DataTypeTable {
     try {
       return DataTypeTable.fromJSON(raw);
     } catch (e) {
-      throw bad(`${file}: ${(e as Error).message}`);
+      throw bad(`${file}: ${(e as Error).message.replace(/^data-type table: /, '')}`);
     }
   }
 

@@ -243,6 +243,10 @@ export function rootBody(addr: number, opcode: number, data: Uint8Array = Buffer
 
 export function resultBody(ok: boolean, error = ''): Buffer {
   if (ok) return rootBody(0, Op.RESULT, Buffer.from('S'));
-  const text = Buffer.from(error, 'utf8').subarray(0, 255);
+  const utf8 = Buffer.from(error, 'utf8');
+  // At most 255 bytes, cut before a character, never inside one (0b10xxxxxx = continuation byte).
+  let cut = Math.min(utf8.length, 255);
+  while (cut < utf8.length && (utf8[cut] & 0xc0) === 0x80) cut--;
+  const text = utf8.subarray(0, cut);
   return rootBody(0, Op.RESULT, Buffer.concat([Buffer.from([0x46, text.length]), text]));
 }
