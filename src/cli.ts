@@ -1,5 +1,5 @@
 /**
- * The `tether` command: serve, sim, demo. Thin: everything it does is a few calls
+ * The `tether` command: serve, sim, demo, emulate. Thin: everything it does is a few calls
  * into the library.
  */
 import * as fs from 'node:fs';
@@ -10,6 +10,7 @@ import { Client } from './client';
 import { loadConfig, resolveConfig, TetherConfig } from './config';
 import { createLogger, Logger } from './log';
 import { Server } from './server';
+import { DataTypeTable } from './telemetry';
 import { MeshTransport } from './transports/uart';
 import { sleep } from './util';
 
@@ -19,6 +20,7 @@ commands:
   serve   run the server with the configured apps
   sim     run simulated devices against a server
   demo    server + example apps + simulated fleet in one process
+  emulate play the root node of an ESP mesh on a serial port, with simulated nodes
 
 options (all commands):
   --config FILE      config file (default: ./local.json if present, else built-in defaults)
@@ -36,6 +38,22 @@ sim:
   --clients N        simulate N devices sim-1..sim-N (default: the config's clients)
   --ids A,B,C        simulate exactly these IDs
   --app FILE         run the device half of this app script on each device
+emulate:
+  --serial PATH      serial port to play the mesh root on (required); without
+                     hardware make a pty pair: socat -d -d pty,raw,echo=0,link=/tmp/mesh-root pty,raw,echo=0,link=/tmp/mesh-server
+  --baud N           baud rate (default 115200)
+  --nodes N          simulate N mesh nodes mesh-1..mesh-N (default 3, 0 with --replay)
+  --ids A,B,C        simulate exactly these node IDs
+  --app FILE         run the device half of this app script on each node (default: a chatter)
+  --timeout MS       line-protocol timeout of the nodes (default: the config's, 2000)
+  --data-types FILE  data-type table for DATA frames (e.g. examples/data-types.json)
+  --data-every MS    send a DATA frame of random plausible values per node every MS
+  --churn-every S    every S seconds a random node leaves the mesh and rejoins a few seconds later
+  --reset-every S    reset the mesh root every S seconds
+  --record FILE      append every chunk written to the port to FILE as JSON lines {"t":ms,"hex":"..."}
+  --replay FILE      write a recorded dump to the port (exits when done if there are no nodes)
+  --speed X          replay speed factor (default 1; 0 = as fast as possible)
+  --duration S       stop after S seconds (default: run until Ctrl-C)
 `;
 
 interface Opts {
@@ -50,6 +68,17 @@ interface Opts {
   'outage-every'?: string;
   'log-level'?: string;
   'log-format'?: string;
+  serial?: string;
+  baud?: string;
+  nodes?: string;
+  timeout?: string;
+  'data-types'?: string;
+  'data-every'?: string;
+  'churn-every'?: string;
+  'reset-every'?: string;
+  record?: string;
+  replay?: string;
+  speed?: string;
   help?: boolean;
 }
 
@@ -236,6 +265,91 @@ async function sim(o: Opts): Promise<void> {
   await fleet.close();
 }
 
+/** A numeric option, or an error that names it and says what it takes. */
+function numOpt(o: Opts, name: keyof Opts, what: string, ok: (n: number) => boolean): number | undefined {
+  const raw = o[name];
+  if (raw === undefined) return undefined;
+  const n = Number(raw);
+  if (typeof raw !== 'string' || raw.trim() === '' || Number.isNaN(n) || !ok(n)) {
+    throw new Error(`--${name} must be ${what}, got ${JSON.stringify(raw)}`);
+  }
+  return n;
+}
+
+async function emulate(o: Opts): Promise<void> {
+  if (!o.serial) {
+    throw new Error(
+      'emulate needs --serial PATH, the serial port the mesh root sits on. Without hardware, make a pty pair: ' +
+        'socat -d -d pty,raw,echo=0,link=/tmp/mesh-root pty,raw,echo=0,link=/tmp/mesh-server ' +
+        '(then --serial /tmp/mesh-root here, and the server on /tmp/mesh-server)',
+    );
+  }
+  const cfg = readConfig(o);
+  const log = makeLogger(cfg);
+  const nonNeg = (n: number) => n >= 0;
+  const count = numOpt(o, 'nodes', 'a whole number of nodes (0-1000)', (n) => Number.isInteger(n) && n >= 0 && n <= 1000);
+  const baudRate = numOpt(o, 'baud', 'a positive whole number', (n) => Number.isInteger(n) && n > 0);
+  const timeout = numOpt(o, 'timeout', 'a whole number of ms >= 4 (the same as the server\'s)', (n) => Number.isInteger(n) && n >= 4) ?? cfg.timeout;
+  const dataEvery = numOpt(o, 'data-every', 'a number of ms (0 = off, else >= 10)', (n) => n === 0 || n >= 10) ?? 0;
+  const churnEvery = numOpt(o, 'churn-every', 'a number of seconds (0 = off, else >= 0.1)', (n) => n === 0 || n >= 0.1) ?? 0;
+  const resetEvery = numOpt(o, 'reset-every', 'a number of seconds (0 = off, else >= 0.1)', (n) => n === 0 || n >= 0.1) ?? 0;
+  const speed = numOpt(o, 'speed', 'a number >= 0 (1 = recorded pace, 0 = as fast as possible)', nonNeg) ?? 1;
+  const duration = numOpt(o, 'duration', 'a number of seconds > 0', (n) => n > 0);
+  if (o.speed !== undefined && !o.replay) throw new Error('--speed goes with --replay FILE');
+  let dataTypes: DataTypeTable | undefined;
+  if (o['data-types']) dataTypes = DataTypeTable.load(o['data-types']);
+  if (dataEvery > 0 && !dataTypes) throw new Error('--data-every needs --data-types FILE (e.g. examples/data-types.json)');
+
+  let ids: string[];
+  if (o.ids) ids = o.ids.split(',').filter(Boolean);
+  else ids = Array.from({ length: count ?? (o.replay ? 0 : 3) }, (_, i) => `mesh-${i + 1}`);
+  const fn = o.app?.[0] ? loadApp(o.app[0]).device : undefined;
+  if (o.app?.[0] && !fn) throw new Error(`app ${o.app[0]} exports no device half (export async function device(client, ctx))`);
+
+  // Loaded here so that the other commands never load the serial port's native binding.
+  const { MeshRootEmulator } = require('./emulator') as typeof import('./emulator');
+  const emu = await MeshRootEmulator.open({
+    path: o.serial,
+    baudRate,
+    timeout,
+    dataTypes,
+    dataEvery,
+    churnEvery: churnEvery * 1000,
+    resetEvery: resetEvery * 1000,
+    record: o.record,
+    clientOptions: { maxLineLength: cfg.maxLineLength },
+    logger: log.child({ side: 'mesh' }),
+  });
+  const lost = new Promise<string>((resolve) => emu.once('lost', resolve));
+  try {
+    for (const id of ids) emu.addNode(id, fn);
+    if (ids.length > 0) log.info('mesh nodes joining', { nodes: ids.join(','), timeout });
+    const stopped = untilStopped(duration, log);
+    const waits: Promise<unknown>[] = [stopped, lost];
+    if (o.replay) {
+      const replayed = emu.replay(o.replay, { speed }).then((r) => {
+        log.info('replay done', { ...r });
+        return r;
+      });
+      // Only a replay: the command ends with it (unless --duration says otherwise).
+      waits.push(ids.length === 0 && duration === undefined ? replayed : replayed.then(() => new Promise(() => {})));
+    }
+    const why = await Promise.race(waits);
+    if (typeof why === 'string') throw new Error(`emulator stopped, ${why}: did socat or the serial adapter go away?`);
+  } finally {
+    await emu.close();
+  }
+  const s = emu.stats;
+  const cmds = Object.entries(s.commands)
+    .map(([c, n]) => `${c}=${n}`)
+    .join(' ');
+  process.stdout.write(
+    `\nframes out ${s.framesOut} (${s.bytesOut} bytes), frames in ${s.framesIn}, dropped ${s.framesDropped}\n` +
+      `commands ${cmds || 'none'}; results S ${s.resultsOk} F ${s.resultsFailed}, silent ${s.silenced}\n` +
+      `node ups ${s.nodeUps}, node downs ${s.nodeDowns}, root resets ${s.rootResets}, DATA frames ${s.dataFrames}\n`,
+  );
+}
+
 export async function main(argv: string[]): Promise<number> {
   const [cmd, ...rest] = argv;
   let o: Opts;
@@ -254,6 +368,17 @@ export async function main(argv: string[]): Promise<number> {
         'outage-every': { type: 'string' },
         'log-level': { type: 'string' },
         'log-format': { type: 'string' },
+        serial: { type: 'string' },
+        baud: { type: 'string' },
+        nodes: { type: 'string' },
+        timeout: { type: 'string' },
+        'data-types': { type: 'string' },
+        'data-every': { type: 'string' },
+        'churn-every': { type: 'string' },
+        'reset-every': { type: 'string' },
+        record: { type: 'string' },
+        replay: { type: 'string' },
+        speed: { type: 'string' },
         help: { type: 'boolean', short: 'h' },
       },
     }).values as Opts;
@@ -269,6 +394,7 @@ export async function main(argv: string[]): Promise<number> {
     if (cmd === 'serve') await serve(o, false);
     else if (cmd === 'demo') await serve(o, true);
     else if (cmd === 'sim') await sim(o);
+    else if (cmd === 'emulate') await emulate(o);
     else {
       process.stderr.write(`tether: unknown command "${cmd}"\n\n${USAGE}`);
       return 2;
