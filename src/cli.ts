@@ -12,6 +12,8 @@ import { createLogger, Logger } from './log';
 import { Server } from './server';
 import { DataTypeTable } from './telemetry';
 import { MeshTransport } from './transports/uart';
+import { PtyPair } from './ptypair';
+import { spawnSync } from 'node:child_process';
 import { sleep } from './util';
 
 const USAGE = `usage: tether <command> [options]
@@ -184,6 +186,44 @@ class Fleet {
   }
 }
 
+interface DemoMesh {
+  emu: import('./emulator').MeshRootEmulator;
+  close(): Promise<void>;
+}
+
+/**
+ * For the demo: a simulated mesh root on a real pty pair (socat), with the
+ * server's UART transport on the other end. Null (and a hint) without socat.
+ */
+async function startDemoMesh(server: Server, cfg: TetherConfig, log: Logger): Promise<DemoMesh | null> {
+  if (spawnSync('socat', ['-V']).error) {
+    log.info('socat not found: the mesh-* devices run over TCP instead of a simulated UART mesh (apt-get install socat)');
+    return null;
+  }
+  const { MeshRootEmulator } = require('./emulator') as typeof import('./emulator');
+  const pty = await PtyPair.open('demo');
+  const dataTypes = DataTypeTable.load(path.join(__dirname, '..', 'examples', 'data-types.json'));
+  const mesh = new MeshTransport(server, { path: pty.a, baudRate: 921600, dataTypes });
+  await mesh.open();
+  const emu = await MeshRootEmulator.open({
+    path: pty.b,
+    baudRate: 921600,
+    timeout: cfg.timeout,
+    dataTypes,
+    dataEvery: 7000,
+    logger: log.child({ side: 'mesh-root' }),
+  });
+  log.info('demo mesh: a simulated mesh root on a pty pair, its nodes are mesh-*', { serial: pty.a });
+  return {
+    emu,
+    async close() {
+      await emu.close();
+      await mesh.close();
+      await pty.close();
+    },
+  };
+}
+
 function summary(server: Server): string {
   const rows = server.connections().map((c) => {
     const k = c.counters;
@@ -217,11 +257,17 @@ async function serve(o: Opts, withFleet: boolean): Promise<void> {
 
   let fleet: Fleet | null = null;
   let cutter: NodeJS.Timeout | undefined;
+  let demoMesh: DemoMesh | null = null;
   if (withFleet) {
     fleet = new Fleet({ ...cfg, port: server.port }, log.child({ side: 'device' }));
+    const wantsMesh = apps.some((a) => a.clients !== '*' && a.clients.some((id) => id.startsWith('mesh-')));
+    if (wantsMesh) demoMesh = await startDemoMesh(server, cfg, log);
     for (const app of apps) {
       if (app.clients === '*') continue;
-      for (const id of app.clients) fleet.start(id, app.device ?? chatter);
+      for (const id of app.clients) {
+        if (demoMesh && id.startsWith('mesh-')) demoMesh.emu.addNode(id, app.device ?? chatter);
+        else fleet.start(id, app.device ?? chatter);
+      }
     }
     const every = Number(o['outage-every'] ?? 15);
     if (every > 0) {
@@ -242,6 +288,7 @@ async function serve(o: Opts, withFleet: boolean): Promise<void> {
   clearInterval(cutter);
   const table = summary(server); // before shutdown, which would show as outages
   await fleet?.close();
+  await demoMesh?.close();
   const appsDone = runner.close();
   await mesh?.close();
   await server.close();

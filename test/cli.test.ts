@@ -36,8 +36,10 @@ test('demo: apps and simulated devices exchange messages, an outage heals, it ex
   t.regex(r.out, /LED (on|off)/, 'the remote control drives the LED');
   t.regex(r.out, /cutting a device link/);
   t.regex(r.out, /link up .*connects=2/, 'a cut device reconnected');
+  // With socat (installed by .ci/run) the mesh-* devices sit behind a simulated UART mesh root.
+  t.regex(r.out, /reading .*from=mesh-1 via=mesh:0x0001/, 'a mesh node reached its app through the UART transport');
   // Final table: every expected client connected.
-  for (const id of ['1', '2', '3', '4', 'tx', 'rx']) t.regex(r.out, new RegExp(`^${id}\\s+(up|down)\\s+\\d+`, 'm'));
+  for (const id of ['1', '2', '3', '4', 'tx', 'rx', 'mesh-1', 'mesh-2', 'mesh-3']) t.regex(r.out, new RegExp(`^${id}\\s+(up|down)\\s+\\d+`, 'm'));
 });
 
 test('serve and sim: two processes talk over TCP; SIGTERM stops the server cleanly', async (t) => {

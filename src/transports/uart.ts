@@ -40,7 +40,10 @@ export interface MeshOptions {
   maxFrame?: number;
   /** Command used for a node's data: `SEND-` (no mesh-level tracking) or `SENDI` (the root retries up to 3 times). Default `SEND-`. */
   send?: 'SEND-' | 'SENDI';
-  /** ms to wait for the root's RESULT to a command. Default 2000. */
+  /**
+   * ms to wait for the root's RESULT to a command. Node traffic is held while a
+   * root command waits, so keep it well under the timeout. Default timeout / 2.
+   */
   commandTimeout?: number;
   /** Commands awaiting a RESULT before node links report themselves full. Default 64. */
   maxOutstanding?: number;
@@ -98,6 +101,14 @@ export class MeshCommandError extends TetherError {
   ) {
     super('ERR_MESH_COMMAND', `mesh root refused ${command}: ${rootMessage}`);
   }
+}
+
+interface RootCall {
+  cmd: RootCommand;
+  addr: number;
+  data?: Uint8Array;
+  resolve: () => void;
+  reject: (e: Error) => void;
 }
 
 interface Outstanding {
@@ -216,6 +227,11 @@ export class MeshTransport extends EventEmitter {
   private readonly quietUntil = new Map<number, number>();
   private quietAll = 0;
   private readonly fifo: Outstanding[] = [];
+  /** Root commands (BCAST, RST-R, CLEAN, NINFO) waiting for their turn; each runs alone. */
+  private readonly calls: RootCall[] = [];
+  private callBusy = false;
+  /** Node data held back while a root command is waiting or running. */
+  private held: Array<{ addr: number; data: Buffer }> = [];
   private lastNetInfo: Array<{ addr: number; uuid: string }> = [];
   private port: SerialPort | null = null;
   private portWritable = true;
@@ -242,7 +258,7 @@ export class MeshTransport extends EventEmitter {
       rtscts: options.rtscts ?? false,
       maxFrame: options.maxFrame ?? 4096,
       send: options.send ?? 'SEND-',
-      commandTimeout: options.commandTimeout ?? 2000,
+      commandTimeout: options.commandTimeout ?? Math.floor(timeout / 2),
       maxOutstanding: options.maxOutstanding ?? 64,
       reopenMin: options.reopenMin ?? 500,
       reopenMax: options.reopenMax ?? 10000,
@@ -254,6 +270,13 @@ export class MeshTransport extends EventEmitter {
       throw new TetherError('ERR_BAD_CONFIG', `mesh: "send" must be "SEND-" or "SENDI", got ${JSON.stringify(this.opts.send)}`);
     }
     this.maxHeld = this.opts.maxHeld;
+    if (this.opts.commandTimeout > 0.6 * timeout) {
+      this.log.warn('mesh commandTimeout is close to the keepalive timeout', {
+        commandTimeout: this.opts.commandTimeout,
+        timeout,
+        hint: 'node traffic waits while a root command is unanswered; nodes may see an outage. Use at most timeout / 2',
+      });
+    }
     this.decoder = new FrameDecoder(this.opts.maxFrame);
     this.table = typeof options.dataTypes === 'string' ? DataTypeTable.load(options.dataTypes) : options.dataTypes;
     server.on('attach', (conn: { id: string }, link: Link) => {
@@ -316,6 +339,10 @@ export class MeshTransport extends EventEmitter {
 
   sendToNode(addr: number, data: string): boolean {
     if (!this.port) return true; // the link is about to be ended with the port
+    if (this.callBusy || this.calls.length > 0) {
+      this.held.push({ addr, data: Buffer.from(data) });
+      return false;
+    }
     this.write(this.opts.send, addr, Buffer.from(data));
     return this.portWritable && this.fifo.length < this.opts.maxOutstanding;
   }
@@ -530,16 +557,53 @@ export class MeshTransport extends EventEmitter {
       this.log.warn('mesh root refused a command', { command: head.cmd, error });
       head.reject?.(new MeshCommandError(head.cmd, error));
     }
+    this.nextCall();
     if (this.fifo.length < this.opts.maxOutstanding) this.drainLinks();
   }
 
+  /**
+   * Root commands run one at a time with nothing else in flight: node data is
+   * held while one waits, so the RESULT that comes back can only be its own,
+   * even when an earlier RESULT was lost.
+   */
   private command(cmd: RootCommand, addr: number, data?: Uint8Array): Promise<void> {
     if (!this.port) {
       return Promise.reject(
         new TetherError('ERR_MESH_PORT', `cannot send ${cmd}: the mesh serial port is not open (see the log for why)`),
       );
     }
-    return new Promise((resolve, reject) => this.write(cmd, addr, data, resolve, reject));
+    return new Promise((resolve, reject) => {
+      this.calls.push({ cmd, addr, data, resolve, reject });
+      this.nextCall();
+    });
+  }
+
+  private nextCall(): void {
+    if (this.callBusy || this.fifo.length > 0 || !this.port) return;
+    const call = this.calls.shift();
+    if (!call) {
+      this.flushHeld();
+      return;
+    }
+    this.callBusy = true;
+    const done = () => {
+      this.callBusy = false;
+      this.nextCall();
+    };
+    this.write(
+      call.cmd,
+      call.addr,
+      call.data,
+      () => (done(), call.resolve()),
+      (e) => (done(), call.reject(e)),
+    );
+  }
+
+  private flushHeld(): void {
+    const held = this.held;
+    this.held = [];
+    for (const { addr, data } of held) this.write(this.opts.send, addr, data);
+    this.drainLinks();
   }
 
   private write(cmd: RootCommand, addr: number, data?: Uint8Array, resolve?: () => void, reject?: (e: Error) => void): void {
@@ -570,11 +634,15 @@ export class MeshTransport extends EventEmitter {
       clearInterval(this.timer);
       this.timer = null;
     }
+    this.nextCall();
     this.drainLinks();
   }
 
   private failOutstanding(err: Error): void {
+    this.held = [];
+    this.callBusy = false;
     for (const o of this.fifo.splice(0)) o.reject?.(err);
+    for (const c of this.calls.splice(0)) c.reject(err);
   }
 
   private loseLinks(reason: string): void {
@@ -583,6 +651,7 @@ export class MeshTransport extends EventEmitter {
 
   private drainLinks(): void {
     if (!this.portWritable || this.fifo.length >= this.opts.maxOutstanding) return;
+    if (this.callBusy || this.calls.length > 0) return;
     for (const link of this.links.values()) link.drained();
   }
 }
