@@ -8,6 +8,7 @@ import * as path from 'node:path';
 import { TetherError } from './errors';
 import type { Level } from './log';
 import type { DuplicateIdPolicy } from './server';
+import type { MeshOptions } from './transports/uart';
 
 export interface AppSpec {
   /** Path of the app script, relative to the config file. */
@@ -16,23 +17,8 @@ export interface AppSpec {
   clients?: string[] | '*';
 }
 
-/** The `mesh` section: MeshOptions of src/transports/uart.ts, `dataTypes` as a path. */
-export interface MeshConfig {
-  path: string;
-  baudRate?: number;
-  dataBits?: 5 | 6 | 7 | 8;
-  stopBits?: 1 | 1.5 | 2;
-  parity?: 'none' | 'even' | 'odd' | 'mark' | 'space';
-  rtscts?: boolean;
-  maxFrame?: number;
-  send?: 'SEND-' | 'SENDI';
-  commandTimeout?: number;
-  maxOutstanding?: number;
-  reopenMin?: number;
-  reopenMax?: number;
-  quarantine?: number;
-  dataTypes?: string;
-}
+/** The `mesh` section: the UART transport's options, with `dataTypes` as a path relative to the config file. */
+export type MeshConfig = Omit<MeshOptions, 'dataTypes'> & { dataTypes?: string };
 
 export interface TetherConfig {
   /** Address the server listens on. */
