@@ -41,6 +41,8 @@ export interface TetherConfig {
   apps: AppSpec[];
   /** UART transport to an ESP mesh root; null = none. */
   mesh: MeshConfig | null;
+  /** Journal folder (relative to the config file) or { dir, fsync }; null = no persistence. */
+  persist: string | { dir: string; fsync?: boolean } | null;
   log: { level: Level; format: 'pretty' | 'json' };
   /** Folder the config was read from; app scripts resolve against it. */
   baseDir: string;
@@ -63,6 +65,7 @@ export const CONFIG_DEFAULTS: Omit<TetherConfig, 'baseDir' | 'idTimeout'> & { id
   duplicateId: 'ignore-new',
   apps: [],
   mesh: null,
+  persist: null,
   log: { level: 'info', format: 'pretty' },
 };
 
@@ -137,6 +140,15 @@ const CHECKS: Record<string, Check> = {
     }
     return null;
   },
+  persist: (v) =>
+    v === null ||
+    (typeof v === 'string' && v.length > 0) ||
+    (!!v &&
+      typeof v === 'object' &&
+      typeof (v as { dir?: unknown }).dir === 'string' &&
+      Object.keys(v).every((k) => k === 'dir' || k === 'fsync' || k === 'compactEvery'))
+      ? null
+      : 'null, a folder path, or { "dir": "./data", "fsync": false }',
   log: (v) =>
     v &&
     typeof v === 'object' &&

@@ -5,6 +5,7 @@
  */
 import { checkInt, Endpoint, EndpointOptions } from './endpoint';
 import type { Link } from './link';
+import type { Journal, RestoredState } from './store';
 import { Telemetry, TelemetryValue } from './telemetry';
 
 export interface ConnectionOptions extends EndpointOptions {
@@ -12,6 +13,12 @@ export interface ConnectionOptions extends EndpointOptions {
   settleDelay?: number;
   /** Samples kept per telemetry name and device. Default 1000. */
   telemetryHistory?: number;
+}
+
+/** Durable state handed over by the Server when persistence is on. */
+export interface Durable {
+  journal: Journal;
+  restored: RestoredState | null;
 }
 
 export const CONNECTION_DEFAULTS = { settleDelay: 200, telemetryHistory: 1000 } as const;
@@ -25,8 +32,13 @@ export class Connection extends Endpoint {
     readonly id: string,
     private readonly lookup: (id: string) => Connection | undefined,
     opts: ConnectionOptions,
+    durable?: Durable,
   ) {
     super({ ...opts, logger: opts.logger?.child({ client: id }) });
+    if (durable) {
+      this.journal = durable.journal;
+      if (durable.restored) this.restore(durable.restored);
+    }
     this.settleAfter = checkInt('settleDelay', opts.settleDelay ?? CONNECTION_DEFAULTS.settleDelay, 0);
     this.historySize = checkInt('telemetryHistory', opts.telemetryHistory ?? CONNECTION_DEFAULTS.telemetryHistory, 1);
   }

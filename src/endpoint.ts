@@ -15,7 +15,6 @@ import type { Link } from './link';
 import type { Logger } from './log';
 import { silentLogger } from './log';
 import {
-  DuplicateRing,
   formatAck,
   formatMessage,
   KEEPALIVE,
@@ -24,7 +23,9 @@ import {
   normalizePayload,
   parseLine,
   payloadProblem,
+  ReceiveFilter,
 } from './protocol';
+import type { Journal, RestoredState } from './store';
 import { deferred, Notifier, preview, raceAbort } from './util';
 
 export interface EndpointOptions {
@@ -59,6 +60,12 @@ export interface WriteOptions {
   wait?: boolean;
   /** Abandons the write; it then rejects with ERR_ABORTED. */
   signal?: AbortSignal;
+  /**
+   * With qos: resolve as soon as the line is queued (written to the journal
+   * when persistence is on) instead of when the peer ACKs it; delivery goes on
+   * in the background, across outages and, with persistence, restarts.
+   */
+  accepted?: boolean;
 }
 
 export interface Counters {
@@ -111,6 +118,8 @@ interface Pending {
   wire: string;
   /** Position in this endpoint's stream of messages, to bound id reuse. */
   seq: number;
+  /** Journal key, when persistence is on. */
+  key?: number;
   /** When it was first sent (never updated). */
   firstSent: number;
   /** When it was last sent (updated by every resend). */
@@ -159,10 +168,8 @@ export abstract class Endpoint extends EventEmitter {
   private splitter: LineSplitter;
   private closed = false;
 
-  private readonly mids: MidGenerator = new MidGenerator();
-  private readonly ring = new DuplicateRing();
-  /** Payload of the last mid-0 message delivered, to spot its retransmission. */
-  private lastMid0: string | null = null;
+  private mids: MidGenerator = new MidGenerator();
+  private readonly filter = new ReceiveFilter();
   private seq = 0;
   /** Unacknowledged qos messages by mid, in send order. */
   private readonly pending = new Map<number, Pending>();
@@ -170,6 +177,9 @@ export abstract class Endpoint extends EventEmitter {
   private readonly readers: Reader[] = [];
   private readonly changed = new Notifier();
   private readonly queue = new PQueue({ concurrency: 1 });
+  /** Durable record of this endpoint's state (server side, with persistence on). */
+  protected journal: Journal | null = null;
+  private nextKey = 1;
 
   constructor(opts: EndpointOptions) {
     super();
@@ -246,18 +256,39 @@ export abstract class Endpoint extends EventEmitter {
       await raceAbort(this.queue.onSizeLessThan(this.maxQueuedWrites), signal, abortedError);
       if (this.closed) throw closedError(this.describe());
     }
+    let key: number | undefined;
+    if (qos && this.journal) {
+      key = this.nextKey++;
+      this.journal.queued(key, payload, wait);
+    }
+    const delivery = this.deliver(payload, qos, wait, signal, key);
+    if (qos && opts.accepted) {
+      delivery.catch((e: unknown) => {
+        if (!(e instanceof TetherError && e.code === 'ERR_CLOSED')) this.log.warn('accepted write not delivered', { error: (e as Error).message });
+      });
+      return;
+    }
+    await delivery;
+  }
+
+  /** Queues, sends and (with qos) waits for the ACK of one line. */
+  private async deliver(payload: string, qos: boolean, wait: boolean, signal: AbortSignal | undefined, key?: number): Promise<void> {
     const sent = await this.queue
-      .add(() => this.admit(payload, qos, wait, signal), { signal })
+      .add(() => this.admit(payload, qos, wait, signal, key), { signal })
       .catch((e: unknown) => {
-        throw e instanceof TetherError ? e : abortedError(signal?.reason ?? e);
+        const err = e instanceof TetherError ? e : abortedError(signal?.reason ?? e);
+        if (key !== undefined && err.code === 'ERR_ABORTED') this.journal?.dropped(key);
+        throw err;
       });
     if (!sent) return;
     try {
       await raceAbort(sent.acked, signal, abortedError);
     } catch (e) {
       // Given up by the caller: stop retransmitting. The peer may or may not have it.
-      if (this.pending.get(sent.mid) === sent) {
+      // (Closing is not giving up: with persistence the message is sent after a restart.)
+      if (this.pending.get(sent.mid) === sent && !this.closed) {
         this.pending.delete(sent.mid);
+        if (key !== undefined) this.journal?.dropped(key);
         this.changed.notify();
       }
       throw e;
@@ -268,6 +299,7 @@ export abstract class Endpoint extends EventEmitter {
   readline(): Promise<string> {
     const line = this.rx.shift();
     if (line !== undefined) {
+      this.journal?.taken();
       this.maybeResumeReading();
       return Promise.resolve(line);
     }
@@ -306,6 +338,30 @@ export abstract class Endpoint extends EventEmitter {
   }
 
   // ---- for subclasses ---------------------------------------------------
+
+  /**
+   * Takes up the state a journal kept across a restart: id counter, duplicate
+   * ring, unread lines, and qos messages to deliver (resent under their old id
+   * if they had gone out). Call before the first link.
+   */
+  protected restore(r: RestoredState): void {
+    this.mids = new MidGenerator(r.nextMid);
+    this.filter.ring.restore(r.ring);
+    this.filter.lastMid0 = r.lastMid0;
+    this.nextKey = r.nextKey;
+    for (const line of r.inbound) this.rx.push(line + '\n');
+    for (const o of r.outbound) {
+      if (o.mid === undefined) {
+        this.deliver(o.payload, true, o.wait, undefined, o.key).catch(() => {});
+        continue;
+      }
+      const d = deferred();
+      d.promise.catch(() => {});
+      const wire = formatMessage(o.mid, o.payload);
+      this.seq++;
+      this.pending.set(o.mid, { mid: o.mid, wire, seq: this.seq, key: o.key, firstSent: Date.now(), sentAt: 0, acked: d.promise, resolve: d.resolve, reject: d.reject });
+    }
+  }
 
   protected abstract describe(): string;
 
@@ -435,6 +491,7 @@ export abstract class Endpoint extends EventEmitter {
         const sent = this.pending.get(p.mid);
         if (sent) {
           this.pending.delete(p.mid);
+          if (sent.key !== undefined) this.journal?.acked(sent.key);
           sent.resolve();
           this.changed.notify();
         }
@@ -458,17 +515,16 @@ export abstract class Endpoint extends EventEmitter {
       this.counters.shed++;
       return;
     }
+    const fresh = this.filter.accept(mid, payload);
+    // Recorded before the ACK goes out: nothing the peer sees as delivered is lost in a crash.
+    this.journal?.received(mid, payload);
     this.counters.acksOut++;
     this.sendRaw(formatAck(mid));
-    // A repeated mid 0 with the same payload and nothing since is the retransmission
-    // of a first message whose ACK was lost, not a second restart of the peer.
-    const repeat0 = mid === 0 && this.lastMid0 === payload && this.ring.onlyHas(0);
-    if (repeat0 || !this.ring.isNew(mid)) {
+    if (!fresh) {
       this.counters.duplicatesDropped++;
       this.log.debug('duplicate dropped', { mid });
       return;
     }
-    if (mid === 0) this.lastMid0 = payload;
     this.counters.messagesIn++;
     const line = payload + '\n';
     try {
@@ -479,6 +535,7 @@ export abstract class Endpoint extends EventEmitter {
     }
     const reader = this.readers.shift();
     if (reader) {
+      this.journal?.taken();
       reader.resolve(line);
       return;
     }
@@ -553,7 +610,7 @@ export abstract class Endpoint extends EventEmitter {
   }
 
   /** Runs in the write queue, one at a time, so lines go out in call order. */
-  private async admit(payload: string, qos: boolean, wait: boolean, signal?: AbortSignal): Promise<Pending | null> {
+  private async admit(payload: string, qos: boolean, wait: boolean, signal?: AbortSignal, key?: number): Promise<Pending | null> {
     while (!this.canAdmit(qos, wait)) {
       if (this.closed) throw closedError(this.describe());
       await this.changed.wait(signal, abortedError);
@@ -568,8 +625,10 @@ export abstract class Endpoint extends EventEmitter {
       const d = deferred();
       d.promise.catch(() => {}); // observed by write(); never an unhandled rejection
       const now = Date.now();
-      sent = { mid, wire, seq: this.seq, firstSent: now, sentAt: now, acked: d.promise, resolve: d.resolve, reject: d.reject };
+      sent = { mid, wire, seq: this.seq, key, firstSent: now, sentAt: now, acked: d.promise, resolve: d.resolve, reject: d.reject };
       this.pending.set(mid, sent);
+      // Its id is recorded before it goes out, so a restarted server resends it under the same id.
+      if (key !== undefined) this.journal?.sent(key, mid);
     }
     this.sendRaw(wire);
     return sent;

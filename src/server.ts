@@ -11,6 +11,7 @@ import { checkInt, ENDPOINT_DEFAULTS } from './endpoint';
 import { closedError, TetherError, waitAbortedError } from './errors';
 import type { Link } from './link';
 import { createLogger, Logger } from './log';
+import { FileStore, StoreOptions } from './store';
 import { TcpTransport } from './transports/tcp';
 import { Notifier, preview } from './util';
 
@@ -31,6 +32,12 @@ export interface ServerOptions extends ConnectionOptions {
   allow?: string[] | null;
   /** A newcomer presenting an ID whose link is still up: `ignore-new` closes the newcomer (the original's rule), `replace-old` drops the old link. Default `ignore-new`. */
   duplicateId?: DuplicateIdPolicy;
+  /**
+   * Keep accepted qos messages, message ids, duplicate rings and unread lines
+   * on disk so a restarted server carries on where it stopped: a folder, or
+   * StoreOptions. Default: off (everything lives in memory).
+   */
+  persist?: string | Omit<StoreOptions, 'logger'> | null;
 }
 
 export const SERVER_DEFAULTS = {
@@ -74,6 +81,8 @@ export class Server extends EventEmitter {
   private readonly duplicateId: DuplicateIdPolicy;
   private tcp: TcpTransport | null = null;
   private closed = false;
+  /** The journals, when persistence is on. */
+  readonly store: FileStore | null;
 
   /** Creates a server and starts listening on TCP. */
   static async listen(opts: ServerOptions = {}): Promise<Server> {
@@ -92,6 +101,8 @@ export class Server extends EventEmitter {
     this.allow = opts.allow ? new Set(opts.allow) : null;
     this.expected = opts.expected ?? [];
     this.duplicateId = opts.duplicateId ?? SERVER_DEFAULTS.duplicateId;
+    const persist = typeof opts.persist === 'string' ? { dir: opts.persist } : opts.persist;
+    this.store = persist ? new FileStore({ ...persist, logger: this.log }) : null;
     if (this.duplicateId !== 'ignore-new' && this.duplicateId !== 'replace-old') {
       throw new TetherError('ERR_BAD_CONFIG', `duplicateId must be "ignore-new" or "replace-old", got ${JSON.stringify(this.duplicateId)}`);
     }
@@ -240,13 +251,18 @@ export class Server extends EventEmitter {
       if (!this.allow && this.expected.length > 0 && !this.expected.includes(id)) {
         this.log.info('client ID not in the expected list: accepted', { id, remote: link.remote });
       }
-      conn = new Connection(id, (other) => this.conns.get(other), this.connOpts);
+      const durable = this.store?.attach(id);
+      conn = new Connection(id, (other) => this.conns.get(other), this.connOpts, durable);
       this.conns.set(id, conn);
       const created = conn;
       // An app that closes a Connection retires it: the ID's next link starts a fresh one.
       created.once('close', () => {
         if (this.closed || this.conns.get(id) !== created) return;
         this.conns.delete(id);
+        if (durable) {
+          durable.journal.close();
+          this.store!.forget(id);
+        }
         this.log.info('connection closed by the app: its next link starts a fresh Connection', { id });
       });
       this.emit('connection', conn);
@@ -262,6 +278,7 @@ export class Server extends EventEmitter {
     this.closed = true;
     for (const abort of [...this.handshaking.values()]) abort();
     for (const c of this.conns.values()) c.close();
+    this.store?.closeAll();
     this.arrived.notify();
     await this.tcp?.close();
     this.log.info('server closed');

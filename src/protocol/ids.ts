@@ -73,3 +73,24 @@ export class DuplicateRing {
     this.bits.set(bytes);
   }
 }
+
+/**
+ * The receiver's decision for each message line: new (deliver) or repeat (ACK
+ * and drop). The duplicate ring plus tether's mid-0 rule: a repeated mid 0 with
+ * the same payload while nothing else has arrived since is the retransmission
+ * of a first message whose ACK was lost, not another restart of the sender.
+ * Deterministic, so replaying the same mids rebuilds the same state.
+ */
+export class ReceiveFilter {
+  readonly ring = new DuplicateRing();
+  /** Payload of the last mid-0 message taken as new. */
+  lastMid0: string | null = null;
+
+  /** Records a received message; true if it is new. */
+  accept(mid: number, payload: string): boolean {
+    if (mid === 0 && this.lastMid0 === payload && this.ring.onlyHas(0)) return false;
+    if (!this.ring.isNew(mid)) return false;
+    if (mid === 0) this.lastMid0 = payload;
+    return true;
+  }
+}
