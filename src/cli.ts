@@ -15,6 +15,7 @@ import { MeshTransport } from './transports/uart';
 import { PtyPair } from './ptypair';
 import { spawnSync } from 'node:child_process';
 import { sleep } from './util';
+import { ChaosProxy, FAULT_KINDS, FaultKind } from './chaos';
 
 const USAGE = `usage: tether <command> [options]
 
@@ -23,6 +24,7 @@ commands:
   sim     run simulated devices against a server
   demo    server + example apps + simulated fleet in one process
   emulate play the root node of an ESP mesh on a serial port, with simulated nodes
+  chaos   a fault-injecting TCP proxy between devices and a server
 
 options (all commands):
   --config FILE      config file (default: ./local.json if present, else built-in defaults)
@@ -56,6 +58,18 @@ emulate:
   --replay FILE      write a recorded dump to the port (exits when done if there are no nodes)
   --speed X          replay speed factor (default 1; 0 = as fast as possible)
   --duration S       stop after S seconds (default: run until Ctrl-C)
+chaos:
+  --target HOST:PORT the server to forward to (required)
+  --listen PORT      port devices connect to (default 0: any free port, printed)
+  --listen-host ADDR address to listen on (default 127.0.0.1; anything else exposes it)
+  --seed N           seed of the fault schedule (default: random, printed)
+  --every MS         mean ms between random faults (default 2000; 0 = none)
+  --kinds LIST       fault kinds to pick from: cut,blackhole,delay,split (default all)
+  --blackhole-ms MS  how long a blackhole lasts before the link is cut (default 3000)
+  --delay-ms MS      how long a delay holds each chunk back (default 300)
+  --delay-for-ms MS  how long a delay period lasts (default 2000)
+  --split-ms MS      how long a split period (one byte per write) lasts (default 2000)
+  --duration S       stop after S seconds (default: run until Ctrl-C); the counts are printed at exit
 `;
 
 interface Opts {
@@ -81,6 +95,16 @@ interface Opts {
   record?: string;
   replay?: string;
   speed?: string;
+  target?: string;
+  listen?: string;
+  'listen-host'?: string;
+  seed?: string;
+  every?: string;
+  kinds?: string;
+  'blackhole-ms'?: string;
+  'delay-ms'?: string;
+  'delay-for-ms'?: string;
+  'split-ms'?: string;
   help?: boolean;
 }
 
@@ -114,7 +138,9 @@ function appsFrom(cfg: TetherConfig, o: Opts): LoadedApp[] {
 
 function serverOptions(cfg: TetherConfig, log: Logger) {
   const expected = cfg.clients.length > 0 ? cfg.clients : undefined;
-  return { ...cfg, expected, logger: log };
+  const p = cfg.persist;
+  const persist = p === null ? null : typeof p === 'string' ? path.resolve(cfg.baseDir, p) : { ...p, dir: path.resolve(cfg.baseDir, p.dir) };
+  return { ...cfg, expected, persist, logger: log };
 }
 
 /** Resolves on SIGINT/SIGTERM or after `duration` seconds. */
@@ -397,6 +423,44 @@ async function emulate(o: Opts): Promise<void> {
   );
 }
 
+async function chaos(o: Opts): Promise<void> {
+  const m = /^(.+):(\d+)$/.exec(o.target ?? '');
+  if (!m) throw new Error('chaos needs --target HOST:PORT, the server to forward to (e.g. --target 127.0.0.1:8123)');
+  const targetHost = m[1].replace(/^\[(.*)\]$/, '$1');
+  const targetPort = Number(m[2]);
+  const ms = (name: keyof Opts, min = 1) => numOpt(o, name, `a number of ms >= ${min}`, (n) => n >= min);
+  const kinds = o.kinds?.split(',').filter(Boolean);
+  const bad = kinds?.filter((k) => !(FAULT_KINDS as readonly string[]).includes(k)) ?? [];
+  if (kinds && (kinds.length === 0 || bad.length > 0)) {
+    throw new Error(`--kinds takes a comma list of ${FAULT_KINDS.join(', ')}, got ${JSON.stringify(o.kinds)}`);
+  }
+  const duration = numOpt(o, 'duration', 'a number of seconds > 0', (n) => n > 0);
+  const cfg = readConfig(o);
+  const log = makeLogger(cfg);
+  const proxy = await ChaosProxy.start({
+    listenHost: o['listen-host'] ?? '127.0.0.1',
+    listenPort: numOpt(o, 'listen', 'a port number (0-65535)', (n) => Number.isInteger(n) && n >= 0 && n <= 65535) ?? 0,
+    targetHost,
+    targetPort,
+    seed: numOpt(o, 'seed', 'a whole number >= 0', (n) => Number.isInteger(n) && n >= 0),
+    every: ms('every', 0) ?? 2000,
+    kinds: kinds as FaultKind[] | undefined,
+    blackholeMs: ms('blackhole-ms'),
+    delayMs: ms('delay-ms'),
+    delayForMs: ms('delay-for-ms'),
+    splitMs: ms('split-ms'),
+    logger: log,
+  });
+  process.stdout.write(`chaos proxy on ${o['listen-host'] ?? '127.0.0.1'}:${proxy.port} → ${targetHost}:${targetPort}, seed ${proxy.seed}\n`);
+  await untilStopped(duration, log);
+  await proxy.close();
+  const f = proxy.injected;
+  process.stdout.write(
+    `\nfaults injected: ${proxy.total} (cut ${f.cut}, blackhole ${f.blackhole}, delay ${f.delay}, split ${f.split}); ` +
+      `${proxy.missed} found no live connection; ${proxy.accepted} connections proxied; seed ${proxy.seed}\n`,
+  );
+}
+
 export async function main(argv: string[]): Promise<number> {
   const [cmd, ...rest] = argv;
   let o: Opts;
@@ -426,6 +490,16 @@ export async function main(argv: string[]): Promise<number> {
         record: { type: 'string' },
         replay: { type: 'string' },
         speed: { type: 'string' },
+        target: { type: 'string' },
+        listen: { type: 'string' },
+        'listen-host': { type: 'string' },
+        seed: { type: 'string' },
+        every: { type: 'string' },
+        kinds: { type: 'string' },
+        'blackhole-ms': { type: 'string' },
+        'delay-ms': { type: 'string' },
+        'delay-for-ms': { type: 'string' },
+        'split-ms': { type: 'string' },
         help: { type: 'boolean', short: 'h' },
       },
     }).values as Opts;
@@ -442,6 +516,7 @@ export async function main(argv: string[]): Promise<number> {
     else if (cmd === 'demo') await serve(o, true);
     else if (cmd === 'sim') await sim(o);
     else if (cmd === 'emulate') await emulate(o);
+    else if (cmd === 'chaos') await chaos(o);
     else {
       process.stderr.write(`tether: unknown command "${cmd}"\n\n${USAGE}`);
       return 2;

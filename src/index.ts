@@ -12,3 +12,5 @@ export { createLogger, silentLogger } from './log';
 export type { Logger, LogRecord, Level } from './log';
 export type { Link, LinkHandlers } from './link';
 export * as protocol from './protocol';
+export { ChaosProxy, CHAOS_DEFAULTS, FAULT_KINDS } from './chaos';
+export type { ChaosOptions, FaultKind } from './chaos';

@@ -94,3 +94,18 @@ export function preview(buf: Buffer, max = 40): string {
   const s = JSON.stringify(buf.subarray(0, max).toString('latin1'));
   return buf.length > max ? `${s}… (${buf.length} bytes)` : s;
 }
+
+/**
+ * mulberry32: a tiny seeded PRNG (uniform in [0, 1)), so a run driven by it can be
+ * replayed from its seed. Not for anything secret.
+ */
+export function prng(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let x = a;
+    x = Math.imul(x ^ (x >>> 15), x | 1);
+    x ^= x + Math.imul(x ^ (x >>> 7), x | 61);
+    return ((x ^ (x >>> 14)) >>> 0) / 4294967296;
+  };
+}

@@ -7,6 +7,7 @@ import * as fs from 'node:fs';
 import * as net from 'node:net';
 import * as os from 'node:os';
 import * as path from 'node:path';
+import { Client, Server, silentLogger } from '../src';
 
 const BIN = path.join(__dirname, '..', 'bin', 'tether.js');
 
@@ -87,4 +88,34 @@ test('a bad config is refused with a message that says what to fix', async (t) =
   const r5 = await run(['bogus']);
   t.is(r5.code, 2);
   t.regex(r5.err, /unknown command "bogus"/);
+});
+
+test('chaos: proxies devices to a server on loopback, injects faults, prints the counts at exit', async (t) => {
+  const server = await Server.listen({ host: '127.0.0.1', port: 0, timeout: 400, logger: silentLogger });
+  t.teardown(() => server.close());
+  const proc = spawn(
+    process.execPath,
+    [BIN, 'chaos', '--target', `127.0.0.1:${server.port}`, '--seed', '9', '--every', '100', '--kinds', 'cut,delay', '--duration', '3'],
+    { cwd: path.join(__dirname, '..') },
+  );
+  t.teardown(() => proc.kill('SIGKILL'));
+  const exited = new Promise<number | null>((r) => proc.once('exit', (code) => r(code)));
+  let out = '';
+  proc.stdout.on('data', (d) => (out += d));
+  const port = await new Promise<number>((resolve, reject) => {
+    const check = () => {
+      const m = /chaos proxy on 127\.0\.0\.1:(\d+) → 127\.0\.0\.1:\d+, seed 9/.exec(out);
+      if (m) resolve(Number(m[1]));
+    };
+    proc.stdout.on('data', check);
+    exited.then(() => reject(new Error(`chaos exited early: ${out}`)));
+  });
+  const client = new Client({ id: 'through-chaos', port, timeout: 400, reconnectDelay: 100, retryMin: 50, logger: silentLogger });
+  t.teardown(() => client.close());
+  await client.connect();
+  t.is(await exited, 0);
+  const m = /faults injected: (\d+) \(cut (\d+), blackhole 0, delay (\d+), split 0\)/.exec(out);
+  t.truthy(m, out);
+  t.true(Number(m![1]) > 0, out);
+  t.true(client.connects >= 1);
 });

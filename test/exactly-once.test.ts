@@ -4,7 +4,7 @@
  */
 import test, { ExecutionContext } from 'ava';
 import { Client, ClientOptions, Server, silentLogger } from '../src';
-import { FaultProxy } from './helpers/proxy';
+import { ChaosProxy } from '../src/chaos';
 import { eventually } from './helpers/raw';
 
 const TIMEOUT = 500;
@@ -15,7 +15,7 @@ const FAULT_EVERY = 110;
 /** A server, a fault proxy in front of it, and one client through the proxy, torn down after the test. */
 async function rig(t: ExecutionContext, id: string, clientOpts: Partial<ClientOptions> = {}) {
   const server = await Server.listen({ host: '127.0.0.1', port: 0, timeout: TIMEOUT, settleDelay: 50, logger: silentLogger });
-  const proxy = await FaultProxy.start(server.port);
+  const proxy = await ChaosProxy.start({ targetPort: server.port });
   const client = new Client({ id, port: proxy.port, timeout: TIMEOUT, reconnectDelay: 200, retryMin: 50, ...clientOpts });
   t.teardown(async () => {
     client.close();
@@ -62,7 +62,7 @@ test('1,000 qos messages each way survive repeated cuts and blackholes, exactly 
   t.true(faults >= 8, `faults injected: ${faults}`);
   await eventually(() => conn.counters.outages >= faults, 10 * TIMEOUT, 'every fault seen as an outage');
   t.log(
-    `faults: ${proxy.injected.cuts} cuts, ${proxy.injected.blackholes} blackholes; ` +
+    `faults: ${proxy.injected.cut} cuts, ${proxy.injected.blackhole} blackholes; ` +
       `server: outages ${conn.counters.outages}, retransmits ${conn.counters.retransmits}, dupes dropped ${conn.counters.duplicatesDropped}; ` +
       `client: connects ${client.connects}, retransmits ${client.counters.retransmits}, dupes dropped ${client.counters.duplicatesDropped}`,
   );
@@ -85,5 +85,5 @@ test('qos with a window (wait: false) also arrives exactly once across outages',
   t.deepEqual([...got].sort((a, b) => a - b), Array.from({ length: 500 }, (_, i) => i));
   t.is(new Set(got).size, 500, 'no duplicates');
   t.true(client.inFlight === 0);
-  t.log(`cuts ${proxy.injected.cuts}, client retransmits ${client.counters.retransmits}, server dupes dropped ${conn.counters.duplicatesDropped}`);
+  t.log(`cuts ${proxy.injected.cut}, client retransmits ${client.counters.retransmits}, server dupes dropped ${conn.counters.duplicatesDropped}`);
 });
