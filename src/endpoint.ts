@@ -9,7 +9,6 @@
  * a link comes and when it counts as up.
  */
 import { EventEmitter } from 'node:events';
-import PQueue from 'p-queue';
 import { abortedError, closedError, payloadError, TetherError, waitAbortedError } from './errors';
 import type { Link } from './link';
 import type { Logger } from './log';
@@ -22,6 +21,7 @@ import {
   MidGenerator,
   normalizePayload,
   parseLine,
+  parseMid,
   payloadProblem,
   ReceiveFilter,
 } from './protocol';
@@ -130,6 +130,18 @@ interface Pending {
   reject(e: unknown): void;
 }
 
+/** A write waiting for its turn: FIFO, sent by pump() as soon as the protocol allows. */
+interface Waiting {
+  payload: string;
+  qos: boolean;
+  wait: boolean;
+  key?: number;
+  resolve(sent: Pending | null): void;
+  reject(e: unknown): void;
+  /** Removes it from the queue when its signal aborts. */
+  unlink?: () => void;
+}
+
 interface Reader {
   resolve(line: string): void;
   reject(e: unknown): void;
@@ -176,7 +188,9 @@ export abstract class Endpoint extends EventEmitter {
   private readonly rx: string[] = [];
   private readonly readers: Reader[] = [];
   private readonly changed = new Notifier();
-  private readonly queue = new PQueue({ concurrency: 1 });
+  /** Writes waiting for their turn, oldest first (at most maxQueuedWrites). */
+  private readonly waiting: Waiting[] = [];
+  private readonly room = new Notifier();
   /** Durable record of this endpoint's state (server side, with persistence on). */
   protected journal: Journal | null = null;
   private nextKey = 1;
@@ -219,7 +233,7 @@ export abstract class Endpoint extends EventEmitter {
 
   /** Writes accepted by write() and not yet sent (queued, or waiting for room in the window). */
   get queuedWrites(): number {
-    return this.queue.size + this.queue.pending;
+    return this.waiting.length;
   }
 
   /** Received lines waiting to be read. */
@@ -241,21 +255,31 @@ export abstract class Endpoint extends EventEmitter {
    * outage is waited out, never an error. Rejects at once for an empty line or one
    * with `\n` inside (a single trailing `\n` is stripped).
    */
-  async write(line: string, opts: WriteOptions = {}): Promise<void> {
+  write(line: string, opts: WriteOptions = {}): Promise<void> {
+    const signal = opts.signal;
+    if (this.closed) return Promise.reject(closedError(this.describe()));
+    const payload = normalizePayload(line);
+    const problem = payloadProblem(payload, this.maxLineLength);
+    if (problem) return Promise.reject(payloadError(problem, this.maxLineLength));
+    if (signal?.aborted) return Promise.reject(abortedError(signal.reason));
+    // Not async on the common path: one promise per write, not a chain of them.
+    if (this.waiting.length < this.maxQueuedWrites) return this.accept(payload, opts);
+    return this.writeWhenRoom(payload, opts);
+  }
+
+  /** Bounded queue: a writer that outruns the peer waits here, it does not pile up. */
+  private async writeWhenRoom(payload: string, opts: WriteOptions): Promise<void> {
+    while (this.waiting.length >= this.maxQueuedWrites) {
+      await this.room.wait(opts.signal, abortedError);
+      if (this.closed) throw closedError(this.describe());
+    }
+    return this.accept(payload, opts);
+  }
+
+  private accept(payload: string, opts: WriteOptions): Promise<void> {
     const qos = opts.qos ?? true;
     const wait = opts.wait ?? true;
     const signal = opts.signal;
-    if (this.closed) throw closedError(this.describe());
-    const payload = normalizePayload(line);
-    const problem = payloadProblem(payload, this.maxLineLength);
-    if (problem) throw payloadError(problem, this.maxLineLength);
-    if (signal?.aborted) throw abortedError(signal.reason);
-
-    // Bounded queue: a writer that outruns the peer waits here, it does not pile up.
-    while (this.queue.size >= this.maxQueuedWrites) {
-      await raceAbort(this.queue.onSizeLessThan(this.maxQueuedWrites), signal, abortedError);
-      if (this.closed) throw closedError(this.describe());
-    }
     let key: number | undefined;
     if (qos && this.journal) {
       key = this.nextKey++;
@@ -266,20 +290,21 @@ export abstract class Endpoint extends EventEmitter {
       delivery.catch((e: unknown) => {
         if (!(e instanceof TetherError && e.code === 'ERR_CLOSED')) this.log.warn('accepted write not delivered', { error: (e as Error).message });
       });
-      return;
+      return Promise.resolve();
     }
-    await delivery;
+    return delivery;
   }
 
   /** Queues, sends and (with qos) waits for the ACK of one line. */
   private async deliver(payload: string, qos: boolean, wait: boolean, signal: AbortSignal | undefined, key?: number): Promise<void> {
-    const sent = await this.queue
-      .add(() => this.admit(payload, qos, wait, signal, key), { signal })
-      .catch((e: unknown) => {
-        const err = e instanceof TetherError ? e : abortedError(signal?.reason ?? e);
-        if (key !== undefined && err.code === 'ERR_ABORTED') this.journal?.dropped(key);
-        throw err;
-      });
+    // Nothing queued ahead and the protocol allows it: the line goes now (the common case).
+    const sent =
+      this.waiting.length === 0 && this.canAdmit(qos, wait)
+        ? this.send(payload, qos, key)
+        : await this.enqueue(payload, qos, wait, signal, key).catch((e: unknown) => {
+            if (key !== undefined && e instanceof TetherError && e.code === 'ERR_ABORTED') this.journal?.dropped(key);
+            throw e;
+          });
     if (!sent) return;
     try {
       await raceAbort(sent.acked, signal, abortedError);
@@ -289,7 +314,7 @@ export abstract class Endpoint extends EventEmitter {
       if (this.pending.get(sent.mid) === sent && !this.closed) {
         this.pending.delete(sent.mid);
         if (key !== undefined) this.journal?.dropped(key);
-        this.changed.notify();
+        this.stateChanged();
       }
       throw e;
     }
@@ -325,11 +350,15 @@ export abstract class Endpoint extends EventEmitter {
     this.closed = true;
     this.dropLink('closed');
     const err = closedError(this.describe());
-    // Queued writes are not cleared: each one runs, sees `closed` and rejects.
+    // Queued writes reject (with persistence they stay in the journal for the next run).
+    for (const w of this.waiting.splice(0)) {
+      w.unlink?.();
+      w.reject(err);
+    }
     for (const p of this.pending.values()) p.reject(err);
     this.pending.clear();
     for (const r of this.readers.splice(0)) r.reject(err);
-    this.changed.notify();
+    this.stateChanged();
     this.emit('close');
   }
 
@@ -393,7 +422,7 @@ export abstract class Endpoint extends EventEmitter {
       close: (reason) => this.dropLink(reason),
       drain: () => {
         this.congested = false;
-        this.changed.notify();
+        this.stateChanged();
       },
     });
     this.tick = setInterval(() => this.onTick(), Math.max(1, Math.floor(this.timeout / 4)));
@@ -427,7 +456,7 @@ export abstract class Endpoint extends EventEmitter {
       this.log.info('link down', { remote: link.remote, reason });
       this.emit('down', reason);
     }
-    this.changed.notify();
+    this.stateChanged();
     this.onLinkLost(reason, wasUp);
   }
 
@@ -443,7 +472,7 @@ export abstract class Endpoint extends EventEmitter {
     this.log.info('link up', { remote: this.link?.remote, connects: this.counters.connects });
     this.emit('up');
     this.afterSettle();
-    this.changed.notify();
+    this.stateChanged();
   }
 
   private sendKeepalive(): void {
@@ -481,22 +510,28 @@ export abstract class Endpoint extends EventEmitter {
 
   private readonly onLine = (line: Buffer): void => {
     if (!this.link) return; // the link died while this chunk was being split
+    // Keepalives and ACKs, most of the traffic, are recognised without allocating.
+    if (line.length === 0) {
+      this.counters.keepalivesIn++;
+      if (!this.up) this.markUp();
+      return;
+    }
+    if (line.length === 2) {
+      const mid = parseMid(line);
+      if (mid >= 0) {
+        this.onAck(mid);
+        if (!this.up && this.link) this.markUp();
+        return;
+      }
+    }
     const p = parseLine(line);
     switch (p.kind) {
       case 'keepalive':
         this.counters.keepalivesIn++;
         break;
-      case 'ack': {
-        this.counters.acksIn++;
-        const sent = this.pending.get(p.mid);
-        if (sent) {
-          this.pending.delete(p.mid);
-          if (sent.key !== undefined) this.journal?.acked(sent.key);
-          sent.resolve();
-          this.changed.notify();
-        }
+      case 'ack':
+        this.onAck(p.mid);
         break;
-      }
       case 'message':
         this.onMessage(p.mid, p.payload);
         break;
@@ -508,6 +543,16 @@ export abstract class Endpoint extends EventEmitter {
     // The client side counts the peer's first line as the link coming up.
     if (!this.up && this.link) this.markUp();
   };
+
+  private onAck(mid: number): void {
+    this.counters.acksIn++;
+    const sent = this.pending.get(mid);
+    if (!sent) return; // an ACK of a message sent without qos, or a late one
+    this.pending.delete(mid);
+    if (sent.key !== undefined) this.journal?.acked(sent.key);
+    sent.resolve();
+    this.stateChanged();
+  }
 
   private onMessage(mid: number, payload: string): void {
     if (this.shedding && this.rx.length >= this.rxBuffer) {
@@ -595,7 +640,7 @@ export abstract class Endpoint extends EventEmitter {
     if (!this.up || !this.settled) return;
     const now = Date.now();
     for (const p of this.pending.values()) this.resend(p, now);
-    this.changed.notify();
+    this.stateChanged();
   }
 
   private canAdmit(qos: boolean, wait: boolean): boolean {
@@ -609,13 +654,48 @@ export abstract class Endpoint extends EventEmitter {
     return wait ? n === 0 : n < this.window;
   }
 
-  /** Runs in the write queue, one at a time, so lines go out in call order. */
-  private async admit(payload: string, qos: boolean, wait: boolean, signal?: AbortSignal, key?: number): Promise<Pending | null> {
-    while (!this.canAdmit(qos, wait)) {
-      if (this.closed) throw closedError(this.describe());
-      await this.changed.wait(signal, abortedError);
+  /** Queues a write until pump() sends it; it keeps its place however long the link is down. */
+  private enqueue(payload: string, qos: boolean, wait: boolean, signal?: AbortSignal, key?: number): Promise<Pending | null> {
+    return new Promise((resolve, reject) => {
+      const w: Waiting = { payload, qos, wait, key, resolve, reject };
+      if (signal) {
+        const aborted = () => {
+          const i = this.waiting.indexOf(w);
+          if (i >= 0) this.waiting.splice(i, 1);
+          reject(abortedError(signal.reason));
+          this.stateChanged();
+        };
+        signal.addEventListener('abort', aborted, { once: true });
+        w.unlink = () => signal.removeEventListener('abort', aborted);
+      }
+      this.waiting.push(w);
+    });
+  }
+
+  /**
+   * Sends queued writes, in order, for as long as the protocol allows (link up
+   * and settled, the window and the id span not exhausted). Synchronous: no
+   * promise hop per message on this hot path.
+   */
+  private pump(): void {
+    while (this.waiting.length > 0) {
+      const w = this.waiting[0];
+      if (!this.canAdmit(w.qos, w.wait)) break;
+      this.waiting.shift();
+      w.unlink?.();
+      w.resolve(this.send(w.payload, w.qos, w.key));
     }
-    if (this.closed) throw closedError(this.describe());
+    if (this.waiting.length < this.maxQueuedWrites) this.room.notify();
+  }
+
+  /** Something that may let writes go or readers wake changed. */
+  private stateChanged(): void {
+    this.pump();
+    this.changed.notify();
+  }
+
+  /** Gives the line its id and puts it on the wire (canAdmit() holds). */
+  private send(payload: string, qos: boolean, key?: number): Pending | null {
     const mid = this.mids.take();
     const wire = formatMessage(mid, payload);
     this.seq++;

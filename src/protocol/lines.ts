@@ -114,8 +114,10 @@ export function formatMessage(mid: number, payload: string): string {
 }
 
 /** The wire form of an ACK: `<mid>\n`. */
+const ACKS = HEX.map((h) => h + '\n');
+
 export function formatAck(mid: number): string {
-  return HEX[mid] + '\n';
+  return ACKS[mid];
 }
 
 export const KEEPALIVE = '\n';

@@ -11,6 +11,9 @@ export class TcpLink implements Link {
   readonly remote: string;
   private h: LinkHandlers | null = null;
   private closed = false;
+  /** Lines written during this turn of the event loop, sent together by one socket write. */
+  private out = '';
+  private flushing: NodeJS.Immediate | null = null;
 
   constructor(readonly socket: net.Socket) {
     this.remote = `tcp:${socket.remoteAddress}:${socket.remotePort}`;
@@ -28,8 +31,17 @@ export class TcpLink implements Link {
 
   write(data: string): boolean {
     if (this.closed) return true;
-    return this.socket.write(data);
+    this.out += data;
+    this.flushing ??= setImmediate(this.flush);
+    return !this.socket.writableNeedDrain;
   }
+
+  private readonly flush = (): void => {
+    this.flushing = null;
+    const data = this.out;
+    this.out = '';
+    if (!this.closed && data) this.socket.write(data);
+  };
 
   pause(): void {
     this.socket.pause();
@@ -47,12 +59,20 @@ export class TcpLink implements Link {
     if (this.closed) return;
     this.closed = true;
     this.h = null;
+    this.cancelFlush();
     this.socket.destroy();
+  }
+
+  private cancelFlush(): void {
+    if (this.flushing) clearImmediate(this.flushing);
+    this.flushing = null;
+    this.out = '';
   }
 
   private ended(reason: string): void {
     if (this.closed) return;
     this.closed = true;
+    this.cancelFlush();
     this.socket.destroy();
     const h = this.h;
     this.h = null;
