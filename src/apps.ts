@@ -11,6 +11,7 @@
 import * as path from 'node:path';
 import type { Client } from './client';
 import type { Connection } from './connection';
+import type { Fleet } from './fleet';
 import { TetherError } from './errors';
 import type { Logger } from './log';
 import type { Server } from './server';
@@ -42,10 +43,12 @@ export interface LoadedApp {
   run: AppFn;
   device?: DeviceFn;
   clients: string[] | '*';
+  /** Run for every device of this type instead of a list of IDs (needs a Fleet). */
+  type?: string;
 }
 
 /** Loads an app script (TypeScript or JavaScript). */
-export function loadApp(file: string, clients?: string[] | '*'): LoadedApp {
+export function loadApp(file: string, clients?: string[] | '*', type?: string): LoadedApp {
   const abs = path.resolve(file);
   let mod: Record<string, unknown>;
   try {
@@ -66,7 +69,8 @@ export function loadApp(file: string, clients?: string[] | '*'): LoadedApp {
     file: abs,
     run: run as AppFn,
     device: typeof mod.device === 'function' ? (mod.device as DeviceFn) : undefined,
-    clients: clients ?? own ?? '*',
+    clients: type !== undefined ? '*' : (clients ?? own ?? '*'),
+    type: type ?? (typeof mod.type === 'string' ? mod.type : undefined),
   };
 }
 
@@ -78,16 +82,22 @@ export class AppRunner {
   constructor(
     private readonly server: Server,
     private readonly log: Logger,
+    private readonly fleet?: Fleet,
   ) {}
 
   add(app: LoadedApp): void {
     const log = this.log.child({ app: app.name });
+    if (app.type !== undefined && !this.fleet) {
+      throw new TetherError('ERR_BAD_APP', `app ${app.file} is bound to type "${app.type}": the runner needs the fleet`);
+    }
     if (app.clients === '*') {
-      const each = (conn: Connection) => this.start(app, conn, log);
+      const each = (conn: Connection) => {
+        if (app.type === undefined || this.fleet!.typeOf(conn) === app.type) this.start(app, conn, log);
+      };
       for (const c of this.server.connections()) each(c);
       this.server.on('connection', each);
       this.stop.signal.addEventListener('abort', () => this.server.off('connection', each), { once: true });
-      log.info('app runs for every client ID');
+      log.info(app.type === undefined ? 'app runs for every client ID' : 'app runs for every device of its type', { type: app.type });
       return;
     }
     log.info('app waiting for its clients', { clients: app.clients });

@@ -9,6 +9,7 @@ import { AppRunner, DeviceFn, LoadedApp, loadApp } from './apps';
 import { Client } from './client';
 import { loadConfig, resolveConfig, TetherConfig } from './config';
 import { createLogger, Logger } from './log';
+import { Fleet } from './fleet';
 import { Server } from './server';
 import { DataTypeTable } from './telemetry';
 import { MeshTransport } from './transports/uart';
@@ -127,7 +128,7 @@ function makeLogger(cfg: TetherConfig): Logger {
 }
 
 function appsFrom(cfg: TetherConfig, o: Opts): LoadedApp[] {
-  const apps = cfg.apps.map((a) => loadApp(path.resolve(cfg.baseDir, a.script), a.clients));
+  const apps = cfg.apps.map((a) => loadApp(path.resolve(cfg.baseDir, a.script), a.clients, a.type));
   for (const arg of o.app ?? []) {
     const [file, idList] = arg.split('=');
     const ids = idList === undefined ? undefined : idList === '*' ? '*' : idList.split(',').filter(Boolean);
@@ -173,7 +174,8 @@ const chatter: DeviceFn = async (client, ctx) => {
   await reader;
 };
 
-class Fleet {
+/** Simulated devices (Node Clients) running device halves of app scripts. */
+class SimFleet {
   readonly devices = new Map<string, Client>();
   private readonly stop = new AbortController();
   private readonly tasks: Promise<unknown>[] = [];
@@ -278,26 +280,27 @@ async function serve(o: Opts, withFleet: boolean): Promise<void> {
     });
     void mesh.open(); // logs and retries until the port is there
   }
-  const runner = new AppRunner(server, log);
+  const fleet = new Fleet(server, cfg.types);
+  const runner = new AppRunner(server, log, fleet);
   for (const app of apps) runner.add(app);
 
-  let fleet: Fleet | null = null;
+  let sims: SimFleet | null = null;
   let cutter: NodeJS.Timeout | undefined;
   let demoMesh: DemoMesh | null = null;
   if (withFleet) {
-    fleet = new Fleet({ ...cfg, port: server.port }, log.child({ side: 'device' }));
+    sims = new SimFleet({ ...cfg, port: server.port }, log.child({ side: 'device' }));
     const wantsMesh = apps.some((a) => a.clients !== '*' && a.clients.some((id) => id.startsWith('mesh-')));
     if (wantsMesh) demoMesh = await startDemoMesh(server, cfg, log);
     for (const app of apps) {
       if (app.clients === '*') continue;
       for (const id of app.clients) {
         if (demoMesh && id.startsWith('mesh-')) demoMesh.emu.addNode(id, app.device ?? chatter);
-        else fleet.start(id, app.device ?? chatter);
+        else sims.start(id, app.device ?? chatter);
       }
     }
     const every = Number(o['outage-every'] ?? 15);
     if (every > 0) {
-      const f = fleet;
+      const f = sims;
       cutter = setInterval(() => {
         const ids = [...f.devices.keys()];
         const id = ids[Math.floor(Math.random() * ids.length)];
@@ -306,14 +309,14 @@ async function serve(o: Opts, withFleet: boolean): Promise<void> {
       }, every * 1000);
     }
     log.info('demo running: apps and simulated devices exchange messages; Ctrl-C to stop', {
-      devices: fleet.devices.size,
+      devices: sims.devices.size,
       port: server.port,
     });
   }
   await untilStopped(o.duration ? Number(o.duration) : undefined, log);
   clearInterval(cutter);
   const table = summary(server); // before shutdown, which would show as outages
-  await fleet?.close();
+  await sims?.close();
   await demoMesh?.close();
   const appsDone = runner.close();
   await mesh?.close();
@@ -331,11 +334,11 @@ async function sim(o: Opts): Promise<void> {
   else ids = cfg.clients;
   if (ids.length === 0) throw new Error('no devices to simulate: pass --clients N or --ids a,b or list "clients" in the config');
   const fn = o.app?.[0] ? (loadApp(o.app[0]).device ?? chatter) : chatter;
-  const fleet = new Fleet(cfg, log);
-  for (const id of ids) fleet.start(id, fn);
+  const sims = new SimFleet(cfg, log);
+  for (const id of ids) sims.start(id, fn);
   log.info('simulating devices', { devices: ids.length, server: `${cfg.server}:${cfg.port}` });
   await untilStopped(o.duration ? Number(o.duration) : undefined, log);
-  await fleet.close();
+  await sims.close();
 }
 
 /** A numeric option, or an error that names it and says what it takes. */

@@ -15,6 +15,8 @@ export interface AppSpec {
   script: string;
   /** Client IDs to run it for; `"*"` runs it for every ID that connects. Default: the script's own `clients` export, else `"*"`. */
   clients?: string[] | '*';
+  /** Run it for every device of this type instead. */
+  type?: string;
 }
 
 /** The `mesh` section: the UART transport's options, with `dataTypes` as a path relative to the config file. */
@@ -39,6 +41,8 @@ export interface TetherConfig {
   allow: string[] | null;
   duplicateId: DuplicateIdPolicy;
   apps: AppSpec[];
+  /** Device types: type name → client IDs or glob patterns. */
+  types: Record<string, string[]>;
   /** UART transport to an ESP mesh root; null = none. */
   mesh: MeshConfig | null;
   /** Journal folder (relative to the config file) or { dir, fsync }; null = no persistence. */
@@ -64,6 +68,7 @@ export const CONFIG_DEFAULTS: Omit<TetherConfig, 'baseDir' | 'idTimeout'> & { id
   allow: null,
   duplicateId: 'ignore-new',
   apps: [],
+  types: {},
   mesh: null,
   persist: null,
   log: { level: 'info', format: 'pretty' },
@@ -123,10 +128,16 @@ const CHECKS: Record<string, Check> = {
         a &&
         typeof a === 'object' &&
         typeof a.script === 'string' &&
-        (a.clients === undefined || a.clients === '*' || ids(a.clients) === null),
+        (a.clients === undefined || a.clients === '*' || ids(a.clients) === null) &&
+        (a.type === undefined || (typeof a.type === 'string' && a.type.length > 0)) &&
+        Object.keys(a).every((k) => k === 'script' || k === 'clients' || k === 'type'),
     )
       ? null
-      : 'a list of { "script": "path", "clients": ["id", …] or "*" }',
+      : 'a list of { "script": "path", "clients": ["id", …] or "*", "type": "name" (instead of clients) }',
+  types: (v) =>
+    v && typeof v === 'object' && !Array.isArray(v) && Object.values(v).every((p) => ids(p) === null)
+      ? null
+      : '{ "type name": ["client ID or glob pattern like lamp-*", …] }',
   mesh: (v) => {
     if (v === null) return null;
     if (!v || typeof v !== 'object' || Array.isArray(v)) return 'null or { "path": "/dev/ttyUSB0", … }';

@@ -43,6 +43,17 @@ export class Connection extends Endpoint {
     this.historySize = checkInt('telemetryHistory', opts.telemetryHistory ?? CONNECTION_DEFAULTS.telemetryHistory, 1);
   }
 
+  /** Type the device declared in its ID line (`id##type##{json}`), if any. */
+  declaredType?: string;
+  /** Metadata the device declared in its ID line; {} if none. */
+  meta: Record<string, unknown> = {};
+
+  /** Used by the Server with what the latest ID line declared. */
+  declare(type?: string, meta?: Record<string, unknown>): void {
+    if (type !== undefined) this.declaredType = type;
+    if (meta !== undefined) this.meta = meta;
+  }
+
   /** Another client's Connection, if that ID has connected (the original's `conn[id]`). */
   peer(id: string): Connection | undefined {
     return this.lookup(id);

@@ -208,6 +208,9 @@ export abstract class Endpoint extends EventEmitter {
 
   // ---- public API -------------------------------------------------------
 
+  /** When a byte last arrived from the peer (ms since the epoch), or 0 if never. */
+  lastSeen = 0;
+
   /** True while a link is up (the original's `status()`). */
   status(): boolean {
     return this.up;
@@ -482,7 +485,7 @@ export abstract class Endpoint extends EventEmitter {
 
   private onData(chunk: Buffer): void {
     this.counters.bytesIn += chunk.length;
-    this.lastRx = Date.now();
+    this.lastRx = this.lastSeen = Date.now();
     if (!this.gotData) {
       this.gotData = true;
       if (this.settleDelay > 0) {
@@ -694,9 +697,10 @@ export abstract class Endpoint extends EventEmitter {
     this.changed.notify();
   }
 
-  /** Gives the line its id and puts it on the wire (canAdmit() holds). */
+  /** Gives the line its id and puts it on the wire (canAdmit() holds). Emits `sent` (payload, mid). */
   private send(payload: string, qos: boolean, key?: number): Pending | null {
     const mid = this.mids.take();
+    if (this.listenerCount('sent') > 0) this.emit('sent', payload, mid);
     const wire = formatMessage(mid, payload);
     this.seq++;
     this.counters.messagesOut++;

@@ -58,6 +58,27 @@ export interface HandshakeStats {
   duplicateId: number;
 }
 
+/** Splits `id##type##{json}` (self-declared type and metadata) from a plain ID. */
+export function parseIdLine(line: string): { id: string; type?: string; meta?: Record<string, unknown> } | { error: string } {
+  const at = line.indexOf('##');
+  if (at < 0) return { id: line };
+  const id = line.slice(0, at);
+  const rest = line.slice(at + 2);
+  const at2 = rest.indexOf('##');
+  const type = at2 < 0 ? rest : rest.slice(0, at2);
+  if (!id) return { error: 'empty client ID before "##"' };
+  if (!type) return { error: 'empty type after "##"' };
+  if (at2 < 0) return { id, type };
+  let meta: unknown;
+  try {
+    meta = JSON.parse(rest.slice(at2 + 2));
+  } catch (e) {
+    return { error: `metadata is not valid JSON (${(e as Error).message})` };
+  }
+  if (!meta || typeof meta !== 'object' || Array.isArray(meta)) return { error: 'metadata must be a JSON object' };
+  return { id, type, meta: meta as Record<string, unknown> };
+}
+
 export class Server extends EventEmitter {
   readonly log: Logger;
   readonly handshakes: HandshakeStats = {
@@ -222,8 +243,20 @@ export class Server extends EventEmitter {
     });
   }
 
-  /** Attaches a link whose ID is known (transports with their own handshake may call this). */
-  attach(id: string, link: Link, rest?: Buffer): void {
+  /**
+   * Attaches a link whose ID line is known (transports with their own handshake
+   * may call this). An ID line `id##type##{json}` declares the device's type and
+   * metadata; the client ID is then the part before the first `##`.
+   */
+  attach(idLine: string, link: Link, rest?: Buffer): void {
+    const declared = parseIdLine(idLine);
+    if ('error' in declared) {
+      this.handshakes.badId++;
+      link.close('bad ID line');
+      this.log.warn('bad ID line: socket closed', { remote: link.remote, error: declared.error, hint: 'use id##type##{"json": "metadata"} or a plain ID' });
+      return;
+    }
+    const id = declared.id;
     if (this.allow && !this.allow.has(id)) {
       this.handshakes.unknownId++;
       link.close('unknown client ID');
@@ -265,9 +298,11 @@ export class Server extends EventEmitter {
         }
         this.log.info('connection closed by the app: its next link starts a fresh Connection', { id });
       });
+      conn.declare(declared.type, declared.meta);
       this.emit('connection', conn);
       this.arrived.notify();
     }
+    conn.declare(declared.type, declared.meta); // a device may declare new metadata on every connect
     conn.attach(link, rest);
     this.emit('attach', conn, link);
   }
