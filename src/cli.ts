@@ -7,7 +7,8 @@ import * as path from 'node:path';
 import { parseArgs } from 'node:util';
 import { AppRunner, DeviceFn, LoadedApp, loadApp } from './apps';
 import { Client } from './client';
-import { loadConfig, resolveConfig, TetherConfig } from './config';
+import { HTTP_CONFIG_DEFAULTS, loadConfig, resolveConfig, TetherConfig } from './config';
+import { HttpApi } from './http';
 import { createLogger, Logger } from './log';
 import { Fleet } from './fleet';
 import { Server } from './server';
@@ -36,6 +37,8 @@ serve / demo:
   --host ADDR        address to listen on (overrides the config's host)
   --app FILE[=IDS]   add an app script; IDS is a comma list or * (repeatable)
   --duration S       stop after S seconds (default: run until Ctrl-C)
+  --http-port N      port of the HTTP API and dashboard (default: the config's "http", else 8124 on
+                     127.0.0.1; 0 = any free port; the URL is logged)
 demo:
   --outage-every S   cut one simulated device's link every S seconds (default 15, 0 = never)
 sim:
@@ -85,6 +88,7 @@ interface Opts {
   'outage-every'?: string;
   'log-level'?: string;
   'log-format'?: string;
+  'http-port'?: string;
   serial?: string;
   baud?: string;
   nodes?: string;
@@ -116,6 +120,9 @@ function readConfig(o: Opts): TetherConfig {
   if (o.port !== undefined) over.port = Number(o.port);
   if (o.host !== undefined) over.host = o.host;
   if (o.server !== undefined) over.server = o.server;
+  const httpPort = numOpt(o, 'http-port', 'a port number (0-65535; 0 = any free port)', (n) => Number.isInteger(n) && n >= 0 && n <= 65535);
+  // The command line wins over the config, even over "http": null.
+  if (httpPort !== undefined) over.http = { ...(cfg.http ?? HTTP_CONFIG_DEFAULTS), port: httpPort };
   const log = { ...cfg.log };
   if (o['log-level']) log.level = o['log-level'] as typeof log.level;
   if (o['log-format']) log.format = o['log-format'] as typeof log.format;
@@ -281,6 +288,18 @@ async function serve(o: Opts, withFleet: boolean): Promise<void> {
     void mesh.open(); // logs and retries until the port is there
   }
   const fleet = new Fleet(server, cfg.types);
+  let api: HttpApi | null = null;
+  if (cfg.http) {
+    api = new HttpApi({ server, fleet, ...cfg.http, logger: log });
+    try {
+      await api.listen();
+    } catch (e) {
+      await api.close();
+      await mesh?.close();
+      await server.close();
+      throw e;
+    }
+  }
   const runner = new AppRunner(server, log, fleet);
   for (const app of apps) runner.add(app);
 
@@ -313,9 +332,11 @@ async function serve(o: Opts, withFleet: boolean): Promise<void> {
       port: server.port,
     });
   }
+  if (api) log.info(`dashboard: ${api.url}`, { api: `${api.url}api/devices`, metrics: `${api.url}metrics` });
   await untilStopped(o.duration ? Number(o.duration) : undefined, log);
   clearInterval(cutter);
   const table = summary(server); // before shutdown, which would show as outages
+  await api?.close();
   await sims?.close();
   await demoMesh?.close();
   const appsDone = runner.close();
@@ -482,6 +503,7 @@ export async function main(argv: string[]): Promise<number> {
         'outage-every': { type: 'string' },
         'log-level': { type: 'string' },
         'log-format': { type: 'string' },
+        'http-port': { type: 'string' },
         serial: { type: 'string' },
         baud: { type: 'string' },
         nodes: { type: 'string' },

@@ -48,9 +48,23 @@ export interface TetherConfig {
   /** Journal folder (relative to the config file) or { dir, fsync }; null = no persistence. */
   persist: string | { dir: string; fsync?: boolean } | null;
   log: { level: Level; format: 'pretty' | 'json' };
+  /** The HTTP API, WebSocket feed, metrics and dashboard (`serve` and `demo`); null = off. */
+  http: HttpConfig | null;
   /** Folder the config was read from; app scripts resolve against it. */
   baseDir: string;
 }
+
+/** The `http` section. */
+export interface HttpConfig {
+  /** Address to listen on; `127.0.0.1` keeps it to this machine. */
+  host: string;
+  /** TCP port; 0 = any free port. */
+  port: number;
+  /** If set, every POST needs `Authorization: Bearer <token>`; GETs and the WebSocket stay open. */
+  token: string | null;
+}
+
+export const HTTP_CONFIG_DEFAULTS: HttpConfig = { host: '127.0.0.1', port: 8124, token: null };
 
 export const CONFIG_DEFAULTS: Omit<TetherConfig, 'baseDir' | 'idTimeout'> & { idTimeout: number | null } = {
   host: '0.0.0.0',
@@ -72,6 +86,7 @@ export const CONFIG_DEFAULTS: Omit<TetherConfig, 'baseDir' | 'idTimeout'> & { id
   mesh: null,
   persist: null,
   log: { level: 'info', format: 'pretty' },
+  http: HTTP_CONFIG_DEFAULTS,
 };
 
 const MESH_CHECKS: Record<string, Check> = {
@@ -105,6 +120,12 @@ const oneOf =
   (...opts: string[]): Check =>
   (v) =>
     opts.includes(v as string) ? null : `one of ${opts.map((o) => JSON.stringify(o)).join(', ')}`;
+
+const HTTP_CHECKS: Record<string, Check> = {
+  host: str,
+  port: int(0, 65535),
+  token: (v) => (v === null || (typeof v === 'string' && v.length > 0 && !/\s/.test(v)) ? null : 'null or a non-empty string without spaces'),
+};
 
 const CHECKS: Record<string, Check> = {
   host: str,
@@ -160,6 +181,17 @@ const CHECKS: Record<string, Check> = {
       Object.keys(v).every((k) => k === 'dir' || k === 'fsync' || k === 'compactEvery'))
       ? null
       : 'null, a folder path, or { "dir": "./data", "fsync": false }',
+  http: (v) => {
+    if (v === null) return null;
+    if (!v || typeof v !== 'object' || Array.isArray(v)) return 'null (off) or { "host": "127.0.0.1", "port": 8124, "token": null }';
+    for (const [k, x] of Object.entries(v)) {
+      const c = HTTP_CHECKS[k];
+      if (!c) return `an object with known keys only (${Object.keys(HTTP_CHECKS).join(', ')}); "${k}" is unknown`;
+      const want = c(x);
+      if (want) return `an object whose "${k}" is ${want}`;
+    }
+    return null;
+  },
   log: (v) =>
     v &&
     typeof v === 'object' &&
@@ -194,6 +226,7 @@ export function resolveConfig(raw: unknown, where = 'config', baseDir = process.
   return {
     ...merged,
     log: { ...CONFIG_DEFAULTS.log, ...(obj.log as object) },
+    http: obj.http === null ? null : { ...HTTP_CONFIG_DEFAULTS, ...(obj.http as object) },
     idTimeout: merged.idTimeout ?? merged.timeout,
     baseDir,
   };

@@ -9,6 +9,7 @@
  * a link comes and when it counts as up.
  */
 import { EventEmitter } from 'node:events';
+import { nanoid } from 'nanoid';
 import { abortedError, closedError, payloadError, TetherError, waitAbortedError } from './errors';
 import type { Link } from './link';
 import type { Logger } from './log';
@@ -207,6 +208,9 @@ export abstract class Endpoint extends EventEmitter {
   }
 
   // ---- public API -------------------------------------------------------
+
+  /** Short random id of the current (or last) link, in its `link up`/`link down` log records. */
+  linkId = '';
 
   /** When a byte last arrived from the peer (ms since the epoch), or 0 if never. */
   lastSeen = 0;
@@ -417,6 +421,7 @@ export abstract class Endpoint extends EventEmitter {
     }
     if (this.link) this.dropLink('replaced by a new link');
     this.link = link;
+    this.linkId = nanoid(8);
     this.splitter = new LineSplitter(this.maxLineLength);
     this.settleDelay = settleDelay;
     this.lastRx = Date.now();
@@ -456,7 +461,7 @@ export abstract class Endpoint extends EventEmitter {
     this.up = this.settled = this.gotData = this.congested = this.rxPaused = this.shedding = false;
     if (wasUp) {
       if (!this.closed) this.counters.outages++;
-      this.log.info('link down', { remote: link.remote, reason });
+      this.log.info('link down', { remote: link.remote, link: this.linkId, reason });
       this.emit('down', reason);
     }
     this.stateChanged();
@@ -472,7 +477,7 @@ export abstract class Endpoint extends EventEmitter {
     this.up = true;
     this.counters.connects++;
     this.sendKeepalive();
-    this.log.info('link up', { remote: this.link?.remote, connects: this.counters.connects });
+    this.log.info('link up', { remote: this.link?.remote, link: this.linkId, connects: this.counters.connects });
     this.emit('up');
     this.afterSettle();
     this.stateChanged();

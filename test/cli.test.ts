@@ -30,8 +30,10 @@ function run(args: string[], timeoutMs = 60_000): Promise<{ code: number | null;
 }
 
 test('demo: apps and simulated devices exchange messages, an outage heals, it exits cleanly', async (t) => {
-  const r = await run(['demo', '--port', '0', '--duration', '10', '--outage-every', '3']);
+  const r = await run(['demo', '--port', '0', '--http-port', '0', '--duration', '10', '--outage-every', '3']);
   t.is(r.code, 0, r.err);
+  t.regex(r.out, /dashboard: http:\/\/127\.0\.0\.1:\d+\//, 'the demo logs where the dashboard is');
+  t.regex(r.out, /HTTP API closed/, 'and closes it at the end');
   t.regex(r.out, /app got .*from=1/, 'the server app hears device 1');
   t.regex(r.out, /device got .*device=2/, 'device 2 hears its app');
   t.regex(r.out, /LED (on|off)/, 'the remote control drives the LED');
@@ -45,7 +47,7 @@ test('demo: apps and simulated devices exchange messages, an outage heals, it ex
 
 test('serve and sim: two processes talk over TCP; SIGTERM stops the server cleanly', async (t) => {
   const port = await freePort();
-  const srv = spawn(process.execPath, [BIN, 'serve', '--port', String(port), '--app', 'examples/json-exchange.ts=*'], {
+  const srv = spawn(process.execPath, [BIN, 'serve', '--port', String(port), '--http-port', '0', '--app', 'examples/json-exchange.ts=*'], {
     cwd: path.join(__dirname, '..'),
   });
   const exited = new Promise<number | null>((r) => srv.once('exit', (code) => r(code)));
@@ -85,6 +87,11 @@ test('a bad config is refused with a message that says what to fix', async (t) =
   t.regex(r3.err, /not valid JSON .*fix the syntax/);
   const r4 = await run(['serve', '--config', path.join(dir, 'missing.json')]);
   t.regex(r4.err, /cannot read it \(ENOENT\)/);
+  fs.writeFileSync(file, JSON.stringify({ http: { port: 80800 } }));
+  const r6 = await run(['serve', '--config', file]);
+  t.regex(r6.err, /"http" must be an object whose "port" is an integer from 0 to 65535/);
+  const r7 = await run(['serve', '--http-port', 'eighty']);
+  t.regex(r7.err, /--http-port must be a port number \(0-65535; 0 = any free port\), got "eighty"/);
   const r5 = await run(['bogus']);
   t.is(r5.code, 2);
   t.regex(r5.err, /unknown command "bogus"/);

@@ -158,6 +158,7 @@ async function crashRun(t: ExecutionContext, persist: boolean): Promise<{ got: n
       persist: persist ? path.join(dir, 'journal') : null,
       apps: [{ script: path.join(ROOT, 'test', 'fixtures', 'burst-app.ts'), clients: ['victim'] }],
       log: { level: 'info', format: 'pretty' },
+      http: null,
     }),
   );
   let server = serve(config, marker);
