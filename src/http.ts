@@ -446,7 +446,10 @@ export class HttpApi {
     if (this.closed) return;
     this.known.add(c);
     const onLine = (line: string) => this.remember(c.id, 'in', line.endsWith('\n') ? line.slice(0, -1) : line);
-    const onSent = (payload: string) => this.remember(c.id, 'out', payload);
+    const onSent = (payload: string) => {
+      this.remember(c.id, 'out', payload);
+      this.changed(c.id); // its counters moved: browsers get it with the next UPDT
+    };
     const onClose = () => {
       // Retired by the app (the server forgot it): keep its counts in the totals.
       if (this.server.get(c.id) !== c && this.known.delete(c)) for (const k of SUMMED) this.retired[k] += c.counters[k];
