@@ -44,8 +44,12 @@ test('keepalives come at least every timeout/4 (with slack for a busy machine)',
   const times = p.received.filter((r) => r.line === '').map((r) => r.at);
   t.true(times.length >= 8, `expected ~12 keepalives in ${3 * TIMEOUT} ms, got ${times.length}`);
   const gaps = times.slice(1).map((x, i) => x - times[i]);
+  const median = [...gaps].sort((a, b) => a - b)[Math.floor(gaps.length / 2)];
   t.true(times[0] - start < TIMEOUT / 2, 'first keepalive is immediate');
-  t.true(Math.max(...gaps) < TIMEOUT / 2, `gaps ${gaps.join(',')} should stay near ${TIMEOUT / 4} ms`);
+  // The cadence is timeout/4; a busy machine may delay one tick, but no gap may come
+  // near `timeout`, which would make the peer declare a false outage.
+  t.true(median >= TIMEOUT / 8 && median <= TIMEOUT / 2, `median gap ${median} ms should be near ${TIMEOUT / 4} ms (gaps ${gaps.join(',')})`);
+  t.true(Math.max(...gaps) < 0.9 * TIMEOUT, `gaps ${gaps.join(',')} must stay well below the ${TIMEOUT} ms timeout`);
 });
 
 test('every message is ACKed, duplicates included; duplicates are not delivered', async (t) => {
