@@ -265,6 +265,9 @@ export abstract class Endpoint extends EventEmitter {
   write(line: string, opts: WriteOptions = {}): Promise<void> {
     const signal = opts.signal;
     if (this.closed) return Promise.reject(closedError(this.describe()));
+    if (typeof line !== 'string') {
+      return Promise.reject(new TypeError(`write() takes a string, got ${typeof line}: convert it first (e.g. JSON.stringify)`));
+    }
     const payload = normalizePayload(line);
     const problem = payloadProblem(payload, this.maxLineLength);
     if (problem) return Promise.reject(payloadError(problem, this.maxLineLength));
