@@ -8,6 +8,7 @@ import test, { ExecutionContext } from 'ava';
 import { createHook } from 'node:async_hooks';
 import * as net from 'node:net';
 import { Client, Connection, createLogger, LogRecord, Server, ServerOptions, TetherError, TetherErrorCode } from '../src';
+import { eventually } from './helpers/wait';
 import { prng } from './helpers/prng';
 
 const TIMEOUT = 600;
@@ -15,14 +16,7 @@ const HOST = '127.0.0.1';
 
 // ---- small helpers ------------------------------------------------------------------
 
-/** Polls `cond` until true; fails after `limit` ms. Never a fixed sleep. */
-async function until(cond: () => boolean, what: string, limit = 5000, step = 10): Promise<void> {
-  const deadline = Date.now() + limit;
-  while (!cond()) {
-    if (Date.now() > deadline) throw new Error(`timed out after ${limit} ms waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, step));
-  }
-}
+const until = (cond: () => boolean, what: string, limit = 5000, step = 10) => eventually(cond, limit, what, step);
 
 /** `p`, or a rejection after `limit` ms. */
 async function within<T>(p: Promise<T>, limit: number, what: string): Promise<T> {

@@ -16,6 +16,7 @@ import { Fleet } from '../src/fleet';
 import { HttpApi } from '../src/http';
 import { silentLogger } from '../src/log';
 import { Server } from '../src/server';
+import { eventually as poll } from './helpers/wait';
 
 /** Debian's package puts it here; TETHER_CHROMIUM points elsewhere (another distribution's Chromium). */
 const CHROMIUM = process.env.TETHER_CHROMIUM || '/usr/bin/chromium';
@@ -59,14 +60,7 @@ async function eventually<T>(get: () => Promise<T>, want: T, what: string, ms = 
   }
 }
 
-/** Polls `cond` until true, bounded. */
-async function until(cond: () => Promise<boolean> | boolean, what: string, ms = SOON): Promise<void> {
-  const deadline = Date.now() + ms;
-  while (!(await cond())) {
-    if (Date.now() > deadline) throw new Error(`timed out after ${ms} ms waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 50));
-  }
-}
+const until = (cond: () => Promise<boolean> | boolean, what: string, ms = SOON) => poll(cond, ms, what, 50);
 
 const rowIds = (page: Page) => page.locator('#rows tr').evaluateAll((trs: any[]) => trs.map((tr) => tr.dataset.id as string));
 

@@ -7,6 +7,7 @@ import test from 'ava';
 import * as fs from 'node:fs';
 import * as net from 'node:net';
 import * as path from 'node:path';
+import { eventually } from './helpers/wait';
 import { startMicroPython, PythonError, type MicroPython } from './helpers/micropython';
 
 const EINPROGRESS = 115;
@@ -19,13 +20,7 @@ const POLLOUT = 4;
 const POLLERR = 8;
 const POLLHUP = 16;
 
-async function until(what: string, cond: () => boolean | Promise<boolean>, timeoutMs = 10_000): Promise<void> {
-  const end = Date.now() + timeoutMs;
-  while (!(await cond())) {
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 10));
-  }
-}
+const until = (what: string, cond: () => boolean | Promise<boolean>, timeoutMs = 10_000) => eventually(cond, timeoutMs, what);
 
 /** Echoes what it gets; ends the connection after echoing a chunk that completes "bye". */
 async function echoServer() {

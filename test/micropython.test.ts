@@ -59,13 +59,7 @@ async function device(t: ExecutionContext, id: string, port: number, extra = '')
 
 const state = (mp: MicroPython) => mp.call('state') as Promise<DeviceState>;
 
-async function until(what: string, cond: () => Promise<boolean> | boolean, ms = 30_000): Promise<void> {
-  const end = Date.now() + ms;
-  while (!(await cond())) {
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 25));
-  }
-}
+const until = (what: string, cond: () => Promise<boolean> | boolean, ms = 30_000) => eventually(cond, ms, what, 25);
 
 async function server(t: ExecutionContext, opts: ServerOptions = {}): Promise<Server> {
   const s = await Server.listen({ host: '127.0.0.1', port: 0, timeout: T, logger: silentLogger, ...opts });

@@ -115,11 +115,4 @@ export class RawPeer {
   }
 }
 
-/** Polls `pred` every 10 ms until it holds, failing after `ms`. */
-export async function eventually(pred: () => boolean, ms = 5000, what = 'condition'): Promise<void> {
-  const deadline = Date.now() + ms;
-  while (!pred()) {
-    if (Date.now() > deadline) throw new Error(`${what} not met within ${ms} ms`);
-    await new Promise((r) => setTimeout(r, 10));
-  }
-}
+export { eventually } from './wait';

@@ -11,3 +11,15 @@ export async function waitFor<T>(what: string, check: () => T | undefined | null
     await new Promise((r) => setTimeout(r, 10));
   }
 }
+
+/**
+ * Polls `cond` (sync or async) every `step` ms until it holds; fails after `ms`
+ * with a message naming `what`. The one polling loop the tests share.
+ */
+export async function eventually(cond: () => boolean | Promise<boolean>, ms = 5000, what = 'condition', step = 10): Promise<void> {
+  const deadline = Date.now() + ms;
+  while (!(await cond())) {
+    if (Date.now() > deadline) throw new Error(`timed out after ${ms} ms waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, step));
+  }
+}
