@@ -137,11 +137,16 @@ export class Fleet extends EventEmitter {
     };
   }
 
-  /** Emits `name` and `name:type` (e.g. `message:light`). */
+  /** Emits `name` and `name:type` (e.g. `message:light`); the snapshot is built once, and only if someone listens. */
   private fire(name: string, c: Connection, ...args: unknown[]): void {
     const type = this.typeOf(c);
-    this.emit(name, this.describe(c), ...args);
-    if (type !== null) this.emit(`${name}:${type}`, this.describe(c), ...args);
+    const typed = type === null ? null : `${name}:${type}`;
+    const plain = this.listenerCount(name) > 0;
+    const byType = typed !== null && this.listenerCount(typed) > 0;
+    if (!plain && !byType) return;
+    const info = this.describe(c);
+    if (plain) this.emit(name, info, ...args);
+    if (byType) this.emit(typed!, info, ...args);
   }
 
   private watch(c: Connection): void {
