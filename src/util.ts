@@ -4,10 +4,6 @@
 export class Notifier {
   private waiters: Array<() => void> = [];
 
-  get waiting(): number {
-    return this.waiters.length;
-  }
-
   /** Resolves on the next notify(); rejects with `onAbort(reason)` if `signal` aborts first. */
   wait(signal?: AbortSignal, onAbort?: (reason: unknown) => Error): Promise<void> {
     return new Promise<void>((resolve, reject) => {
