@@ -19,7 +19,7 @@ function send(m: object): void {
 }
 
 async function tether(): Promise<() => object> {
-  const server = await Server.listen({ host: '127.0.0.1', port: 0, timeout, logger: silentLogger });
+  const server = await Server.listen({ host: '127.0.0.1', port: 0, timeout, logger: silentLogger, maxConnections: 100_000, maxConnectionsPerAddress: 100_000 }); // every benchmark client comes from 127.0.0.1
   server.on('connection', (conn: Connection) => {
     void (async () => {
       for await (const line of conn) {

@@ -6,6 +6,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { parseArgs } from 'node:util';
 import { AppRunner, DeviceFn, LoadedApp, loadApp } from './apps';
+import { generateSecret, hashSecret } from './auth';
 import { Client } from './client';
 import { HTTP_CONFIG_DEFAULTS, loadConfig, resolveConfig, TetherConfig } from './config';
 import { HttpApi } from './http';
@@ -27,6 +28,9 @@ commands:
   demo    server + example apps + simulated fleet in one process
   emulate play the root node of an ESP mesh on a serial port, with simulated nodes
   chaos   a fault-injecting TCP proxy between devices and a server
+  secret  tether secret ID [--secret S] [--scrypt]: make a device secret and the hash
+          for the config's "auth.devices" (without --secret a random one is made;
+          --scrypt: a slow hash, for secrets people chose)
 
 options (all commands):
   --config FILE      config file (default: ./local.json if present, else built-in defaults)
@@ -485,8 +489,37 @@ async function chaos(o: Opts): Promise<void> {
   );
 }
 
+/** `tether secret ID`: prints the ID line for the device and the entry for auth.devices. */
+function secretCommand(args: string[]): number {
+  const { values, positionals } = parseArgs({
+    args,
+    allowPositionals: true,
+    options: { secret: { type: 'string' }, scrypt: { type: 'boolean' } },
+  });
+  const [id] = positionals;
+  if (!id || positionals.length > 1 || /[@\n]|##/.test(id)) {
+    process.stderr.write('tether secret: give one client ID (without "@", "##" or newlines): tether secret lamp-1\n');
+    return 2;
+  }
+  const secret = values.secret ?? generateSecret();
+  const hash = hashSecret(secret, { scrypt: values.scrypt });
+  process.stdout.write(
+    `device ID line (the client ID to configure on the board): ${id}@${secret}\n` +
+      `config entry (local.json "auth": { "devices": { … } }):   ${JSON.stringify(id)}: ${JSON.stringify(hash)}\n`,
+  );
+  return 0;
+}
+
 export async function main(argv: string[]): Promise<number> {
   const [cmd, ...rest] = argv;
+  if (cmd === 'secret') {
+    try {
+      return secretCommand(rest);
+    } catch (e) {
+      process.stderr.write(`tether secret: ${(e as Error).message}\n`);
+      return 2;
+    }
+  }
   let o: Opts;
   try {
     o = parseArgs({

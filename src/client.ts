@@ -4,6 +4,8 @@
  * except that a refused first connect is retried with backoff instead of giving up.
  */
 import * as net from 'node:net';
+import * as tls from 'node:tls';
+import { checkSecret } from './auth';
 import { Endpoint, EndpointOptions } from './endpoint';
 import { TetherError } from './errors';
 import type { Link } from './link';
@@ -17,6 +19,14 @@ export interface ClientOptions extends EndpointOptions {
   host?: string;
   /** Server port. Default 8123. */
   port?: number;
+  /** The device's secret when the server checks them (sent as `id@secret` in the ID line). Default: none. */
+  secret?: string;
+  /**
+   * Connect with TLS: true (verify the server against the system CAs), or Node
+   * `tls.connect` options (`ca` to trust your own CA, `cert`/`key` for a client
+   * certificate, `servername`). Default: plain TCP.
+   */
+  tls?: boolean | tls.ConnectionOptions;
   /** ms to wait after an outage before reconnecting (the original waits 2 × timeout). Default 2 × timeout. */
   reconnectDelay?: number;
   /** ms to wait after a failed connect attempt; doubles up to `retryMax`. Default 500. */
@@ -45,6 +55,9 @@ export class Client extends Endpoint {
   private running: Promise<void> | null = null;
   private linkGone: Deferred<boolean> | null = null;
   private firstFailure: Deferred<void> = deferred();
+  /** What the client sends first: its ID, with the secret and declared type if any. */
+  private readonly idLine: string;
+  private readonly tlsOpts: tls.ConnectionOptions | null;
   /** Connect attempts that failed (refused, unreachable, closed before the first line). */
   failedAttempts = 0;
 
@@ -54,6 +67,11 @@ export class Client extends Endpoint {
     }
     super({ ...opts, logger: opts.logger?.child({ device: opts.id }) });
     this.id = opts.id;
+    if (opts.secret !== undefined) checkSecret(opts.secret);
+    const typeAt = opts.id.indexOf('##');
+    this.idLine =
+      opts.secret === undefined ? opts.id : typeAt < 0 ? `${opts.id}@${opts.secret}` : `${opts.id.slice(0, typeAt)}@${opts.secret}${opts.id.slice(typeAt)}`;
+    this.tlsOpts = opts.tls === true ? {} : opts.tls || null;
     this.host = opts.host ?? '127.0.0.1';
     this.port = opts.port ?? 8123;
     this.reconnectDelay = opts.reconnectDelay ?? 2 * this.timeout;
@@ -98,12 +116,14 @@ export class Client extends Endpoint {
 
   private dialTcp(): Promise<net.Socket> {
     return new Promise((resolve, reject) => {
-      const socket = net.connect({ host: this.host, port: this.port });
+      const socket = this.tlsOpts
+        ? tls.connect({ servername: net.isIP(this.host) ? undefined : this.host, ...this.tlsOpts, host: this.host, port: this.port })
+        : net.connect({ host: this.host, port: this.port });
       const timer = setTimeout(() => {
         socket.destroy();
         reject(new Error(`connect timed out after ${this.timeout} ms`));
       }, this.timeout);
-      socket.once('connect', () => {
+      socket.once(this.tlsOpts ? 'secureConnect' : 'connect', () => {
         clearTimeout(timer);
         socket.removeAllListeners('error');
         resolve(socket);
@@ -144,7 +164,7 @@ export class Client extends Endpoint {
       }
       this.linkGone = deferred<boolean>();
       this.attachLink(link, undefined, false, 0);
-      this.sendRaw(this.id + '\n');
+      this.sendRaw(this.idLine + '\n');
       const wasUp = await this.linkGone.promise;
       this.linkGone = null;
       if (signal.aborted) return;

@@ -7,7 +7,9 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { TetherError } from './errors';
 import type { Level } from './log';
+import { AuthOptions, hashProblem } from './auth';
 import type { DuplicateIdPolicy } from './server';
+import type { TlsOptions } from './transports/tcp';
 import type { MeshOptions } from './transports/uart';
 
 export interface AppSpec {
@@ -36,6 +38,13 @@ export interface TetherConfig {
   rxBuffer: number;
   maxQueuedWrites: number;
   window: number;
+  maxConnections: number;
+  maxConnectionsPerAddress: number;
+  maxSendBuffer: number;
+  /** TLS for device links (file paths relative to the config file); null = plain TCP. */
+  tls: TlsOptions | null;
+  /** Device authentication; null = off (any ID may connect). */
+  auth: AuthOptions | null;
   /** Device IDs the apps expect (used by `waitAll` and by the simulator). */
   clients: string[];
   allow: string[] | null;
@@ -78,6 +87,11 @@ export const CONFIG_DEFAULTS: Omit<TetherConfig, 'baseDir' | 'idTimeout'> & { id
   rxBuffer: 64,
   maxQueuedWrites: 64,
   window: 8,
+  maxConnections: 10_000,
+  maxConnectionsPerAddress: 256,
+  maxSendBuffer: 1024 * 1024,
+  tls: null,
+  auth: null,
   clients: [],
   allow: null,
   duplicateId: 'ignore-new',
@@ -107,6 +121,8 @@ const MESH_CHECKS: Record<string, Check> = {
 };
 
 type Check = (v: unknown) => string | null;
+/** A table's own entry for `key`: never something inherited like `__proto__` or `constructor`. */
+const own = (table: Record<string, Check>, key: string): Check | undefined => (Object.hasOwn(table, key) ? table[key] : undefined);
 const int =
   (min: number, max: number): Check =>
   (v) =>
@@ -120,6 +136,49 @@ const oneOf =
   (...opts: string[]): Check =>
   (v) =>
     opts.includes(v as string) ? null : `one of ${opts.map((o) => JSON.stringify(o)).join(', ')}`;
+
+const file: Check = (v) => (typeof v === 'string' && v.length > 0 ? null : 'a file path (relative to the config file)');
+const TLS_CHECKS: Record<string, Check> = {
+  key: file,
+  cert: file,
+  ca: file,
+  clientCerts: oneOf('off', 'optional', 'required'),
+  certIds: (v) =>
+    v && typeof v === 'object' && !Array.isArray(v) && Object.values(v).every((x) => typeof x === 'string' && x.length > 0)
+      ? null
+      : '{ "certificate CN": "client ID", … }',
+  port: int(0, 65535),
+};
+const AUTH_CHECKS: Record<string, Check> = {
+  devices: (v) => {
+    if (!v || typeof v !== 'object' || Array.isArray(v)) return '{ "client ID": "hash from `tether secret <id>`", … }';
+    for (const [id, h] of Object.entries(v)) {
+      const p = hashProblem(h);
+      if (p) return `{ "client ID": hash } where the hash of ${JSON.stringify(id)} is ${p}`;
+    }
+    return null;
+  },
+  required: (v) => (typeof v === 'boolean' ? null : 'true or false'),
+  maxFailures: int(1, 1_000_000),
+  failureWindow: int(1, 86_400_000),
+  blockFor: int(0, 86_400_000),
+};
+
+/** Checks an object section key by key against `checks`. */
+const section =
+  (checks: Record<string, Check>, example: string, required: string[] = []): Check =>
+  (v) => {
+    if (v === null) return null;
+    if (!v || typeof v !== 'object' || Array.isArray(v)) return `null (off) or ${example}`;
+    for (const k of required) if ((v as Record<string, unknown>)[k] === undefined) return `an object with "${k}", like ${example}`;
+    for (const [k, x] of Object.entries(v)) {
+      const c = own(checks, k);
+      if (!c) return `an object with known keys only (${Object.keys(checks).join(', ')}); "${k}" is unknown`;
+      const want = c(x);
+      if (want) return `an object whose "${k}" is ${want}`;
+    }
+    return null;
+  };
 
 const HTTP_CHECKS: Record<string, Check> = {
   host: str,
@@ -139,6 +198,11 @@ const CHECKS: Record<string, Check> = {
   rxBuffer: int(1, 1_000_000),
   maxQueuedWrites: int(1, 1_000_000),
   window: int(1, 100),
+  maxConnections: int(1, 10_000_000),
+  maxConnectionsPerAddress: int(1, 10_000_000),
+  maxSendBuffer: int(1024, 1 << 30),
+  tls: section(TLS_CHECKS, '{ "key": "server.key", "cert": "server.crt", "ca": "ca.crt", "clientCerts": "off" }', ['key', 'cert']),
+  auth: section(AUTH_CHECKS, '{ "devices": { "lamp-1": "sha256$…" }, "required": true }', ['devices']),
   clients: ids,
   allow: (v) => (v === null ? null : ids(v)),
   duplicateId: oneOf('ignore-new', 'replace-old'),
@@ -165,7 +229,7 @@ const CHECKS: Record<string, Check> = {
     const o = v as Record<string, unknown>;
     if (o.path === undefined) return 'an object with "path" (the serial device of the mesh root)';
     for (const [k, x] of Object.entries(o)) {
-      const c = MESH_CHECKS[k];
+      const c = own(MESH_CHECKS, k);
       if (!c) return `an object with known keys only (${Object.keys(MESH_CHECKS).join(', ')}); "${k}" is unknown`;
       const want = c(x);
       if (want) return `an object whose "${k}" is ${want}`;
@@ -185,7 +249,7 @@ const CHECKS: Record<string, Check> = {
     if (v === null) return null;
     if (!v || typeof v !== 'object' || Array.isArray(v)) return 'null (off) or { "host": "127.0.0.1", "port": 8124, "token": null }';
     for (const [k, x] of Object.entries(v)) {
-      const c = HTTP_CHECKS[k];
+      const c = own(HTTP_CHECKS, k);
       if (!c) return `an object with known keys only (${Object.keys(HTTP_CHECKS).join(', ')}); "${k}" is unknown`;
       const want = c(x);
       if (want) return `an object whose "${k}" is ${want}`;
@@ -196,8 +260,8 @@ const CHECKS: Record<string, Check> = {
     v &&
     typeof v === 'object' &&
     Object.keys(v).every((k) => k === 'level' || k === 'format') &&
-    (oneOf('debug', 'info', 'warn', 'error', 'silent')((v as { level?: unknown }).level ?? 'info') === null) &&
-    (oneOf('pretty', 'json')((v as { format?: unknown }).format ?? 'pretty') === null)
+    (oneOf('debug', 'info', 'warn', 'error', 'silent')((v as { level?: unknown }).level === undefined ? 'info' : (v as { level?: unknown }).level) === null) &&
+    (oneOf('pretty', 'json')((v as { format?: unknown }).format === undefined ? 'pretty' : (v as { format?: unknown }).format) === null)
       ? null
       : '{ "level": "debug"|"info"|"warn"|"error"|"silent", "format": "pretty"|"json" }',
 };
@@ -213,7 +277,7 @@ export function resolveConfig(raw: unknown, where = 'config', baseDir = process.
   const problems: string[] = [];
   for (const [key, value] of Object.entries(obj)) {
     if (key.startsWith('$') || key === 'comment') continue; // room for "$schema" and notes
-    const check = CHECKS[key];
+    const check = own(CHECKS, key);
     if (!check) {
       problems.push(`unknown key "${key}". Known keys: ${Object.keys(CHECKS).join(', ')}`);
       continue;
@@ -228,6 +292,12 @@ export function resolveConfig(raw: unknown, where = 'config', baseDir = process.
     log: { ...CONFIG_DEFAULTS.log, ...(obj.log as object) },
     http: obj.http === null ? null : { ...HTTP_CONFIG_DEFAULTS, ...(obj.http as object) },
     idTimeout: merged.idTimeout ?? merged.timeout,
+    tls: merged.tls && {
+      ...merged.tls,
+      key: path.resolve(baseDir, merged.tls.key),
+      cert: path.resolve(baseDir, merged.tls.cert),
+      ca: merged.tls.ca === undefined ? undefined : path.resolve(baseDir, merged.tls.ca),
+    },
     baseDir,
   };
 }

@@ -8,6 +8,7 @@
  * The server's Connection and the Node Client are thin subclasses that decide when
  * a link comes and when it counts as up.
  */
+import { throttledWarn } from './limits';
 import { EventEmitter } from 'node:events';
 import { nanoid } from 'nanoid';
 import { abortedError, closedError, payloadError, TetherError, waitAbortedError } from './errors';
@@ -512,7 +513,8 @@ export abstract class Endpoint extends EventEmitter {
 
   private readonly onLongLine = (): void => {
     this.counters.longLines++;
-    this.log.warn('dropped a line longer than maxLineLength', {
+    throttledWarn(this.log, 'dropped a line longer than maxLineLength', {
+      limit: 'maxLineLength',
       remote: this.link?.remote,
       maxLineLength: this.maxLineLength,
       hint: 'shorten what the device sends or raise maxLineLength',
@@ -635,7 +637,12 @@ export abstract class Endpoint extends EventEmitter {
         this.shedding = true;
         this.lastRx = now;
         this.link.resume();
-        this.log.debug('reading on while the app is not reading, to get ACKs', { buffered: this.rx.length });
+        throttledWarn(this.log, 'receive buffer full and the app is not reading: new messages are refused (qos senders resend them) until it reads', {
+          limit: 'rxBuffer',
+          remote: this.link.remote,
+          buffered: this.rx.length,
+          hint: 'read lines promptly (for await … of conn) or raise rxBuffer',
+        });
       }
     }
   }

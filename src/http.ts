@@ -23,6 +23,7 @@ import { WebSocket, WebSocketServer } from 'ws';
 import type { Connection } from './connection';
 import { ENDPOINT_DEFAULTS } from './endpoint';
 import type { Counters } from './endpoint';
+import { LIMIT_NAMES } from './limits';
 import type { DeviceInfo, Fleet, SendOutcome } from './fleet';
 import { silentLogger } from './log';
 import type { Logger } from './log';
@@ -307,8 +308,8 @@ interface Browser {
 }
 
 type CounterKey = keyof Counters;
-const SUMMED: CounterKey[] = ['connects', 'outages', 'messagesIn', 'messagesOut', 'retransmits', 'duplicatesDropped', 'bytesIn', 'bytesOut', 'badLines'];
-const REJECTIONS: Array<keyof HandshakeStats> = ['idTimeout', 'idTooLong', 'badId', 'unknownId', 'duplicateId', 'closedEarly'];
+const SUMMED: CounterKey[] = ['connects', 'outages', 'messagesIn', 'messagesOut', 'retransmits', 'duplicatesDropped', 'bytesIn', 'bytesOut', 'badLines', 'longLines', 'shed'];
+const REJECTIONS: Array<keyof HandshakeStats> = ['idTimeout', 'idTooLong', 'badId', 'unknownId', 'duplicateId', 'authFailed', 'closedEarly'];
 
 export class HttpApi {
   readonly server: Server;
@@ -791,6 +792,30 @@ export class HttpApi {
       return [[{ dir: 'in' }, s.bytesIn], [{ dir: 'out' }, s.bytesOut]];
     });
     counter('tether_bad_lines_total', 'Received lines that were neither keepalive, ACK nor message', [], () => [[{}, totals().badLines]]);
+    counter('tether_limit_hits_total', 'Times a limit turned something away, by limit (see docs/security.md)', ['limit'], () => {
+      const s = totals();
+      return [
+        ...LIMIT_NAMES.map((n): [Record<string, string>, number] => [{ limit: n }, server.limits[n]]),
+        [{ limit: 'maxLineLength' }, s.longLines],
+        [{ limit: 'rxBuffer' }, s.shed],
+      ];
+    });
+    new prom.Gauge({
+      name: 'tether_open_connections',
+      help: 'Device sockets open now (TCP and TLS, handshaking or attached), as maxConnections counts them',
+      registers,
+      collect() {
+        this.set(server.openConnections);
+      },
+    });
+    new prom.Gauge({
+      name: 'tether_blocked_addresses',
+      help: 'Source addresses refused right now after repeated authentication failures',
+      registers,
+      collect() {
+        this.set(server.blockedAddresses);
+      },
+    });
     counter('tether_handshakes_rejected_total', 'Links turned away before reaching a device, by reason (closedEarly: closed before its ID line)', ['reason'], () =>
       REJECTIONS.map((r) => [{ reason: r }, server.handshakes[r]]),
     );

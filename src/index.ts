@@ -1,5 +1,10 @@
-export { Server, SERVER_DEFAULTS } from './server';
-export type { ServerOptions, DuplicateIdPolicy, HandshakeStats } from './server';
+export { Server, SERVER_DEFAULTS, parseIdLine } from './server';
+export type { ServerOptions, DuplicateIdPolicy, HandshakeStats, IdLine } from './server';
+export { AUTH_DEFAULTS, FailureTracker, generateSecret, hashSecret, verifySecret, splitSecret } from './auth';
+export type { AuthOptions } from './auth';
+export { LIMIT_NAMES } from './limits';
+export type { LimitHits, LimitName } from './limits';
+export type { TlsOptions } from './transports/tcp';
 export { Connection } from './connection';
 export type { ConnectionOptions } from './connection';
 export { Client } from './client';

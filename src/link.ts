@@ -15,6 +15,10 @@ export interface LinkHandlers {
 export interface Link {
   /** Where the bytes come from, for logs: `tcp:127.0.0.1:51234`, `mesh:0x0012`. */
   readonly remote: string;
+  /** The source that per-address limits count (an IP address); default: `remote`. */
+  readonly address?: string;
+  /** The client ID a verified TLS client certificate proves, if any. */
+  readonly certId?: string | null;
   /** Sends bytes; false means the transport is full: hold further messages until `drain`. */
   write(data: string): boolean;
   /** Stop delivering `data` (flow control toward the peer) / start again. */

@@ -6,13 +6,15 @@
 import { EventEmitter } from 'node:events';
 import { isUtf8 } from 'node:buffer';
 import type { AddressInfo } from 'node:net';
+import { AUTH_DEFAULTS, AuthOptions, FailureTracker, hashProblem, splitSecret, verifySecret } from './auth';
 import { Connection, ConnectionOptions } from './connection';
 import { checkInt, ENDPOINT_DEFAULTS } from './endpoint';
 import { closedError, TetherError, waitAbortedError } from './errors';
 import type { Link } from './link';
 import { createLogger, Logger } from './log';
 import { FileStore, StoreOptions } from './store';
-import { TcpTransport } from './transports/tcp';
+import { LimitHits, LimitName, throttledWarn, zeroHits } from './limits';
+import { TcpTransport, TlsOptions, TLS_CLIENT_CERTS } from './transports/tcp';
 import { Notifier, preview } from './util';
 
 export type DuplicateIdPolicy = 'ignore-new' | 'replace-old';
@@ -38,6 +40,16 @@ export interface ServerOptions extends ConnectionOptions {
    * StoreOptions. Default: off (everything lives in memory).
    */
   persist?: string | Omit<StoreOptions, 'logger'> | null;
+  /** Open device sockets (TCP and TLS together, handshaking or attached) before new ones are refused. Default 10000. */
+  maxConnections?: number;
+  /** Open device sockets from one IP address before its new ones are refused. Default 256. */
+  maxConnectionsPerAddress?: number;
+  /** Bytes queued toward a device that does not read before its link is dropped. Default 1 MiB. */
+  maxSendBuffer?: number;
+  /** TLS for device links (see TlsOptions). Default: off (plain TCP, as the original). */
+  tls?: TlsOptions | null;
+  /** Device authentication by a secret in the ID line or a TLS client certificate. Default: off (any ID may connect, as the original). */
+  auth?: AuthOptions | null;
 }
 
 export const SERVER_DEFAULTS = {
@@ -45,6 +57,9 @@ export const SERVER_DEFAULTS = {
   port: 8123,
   maxIdLength: 1024,
   duplicateId: 'ignore-new' as DuplicateIdPolicy,
+  maxConnections: 10_000,
+  maxConnectionsPerAddress: 256,
+  maxSendBuffer: 1024 * 1024,
 } as const;
 
 /** Why links were turned away before reaching a Connection. */
@@ -56,19 +71,34 @@ export interface HandshakeStats {
   closedEarly: number;
   unknownId: number;
   duplicateId: number;
+  /** Refused: bad or missing secret, or a certificate for another ID. */
+  authFailed: number;
 }
 
-/** Splits `id##type##{json}` (self-declared type and metadata) from a plain ID. */
-export function parseIdLine(line: string): { id: string; type?: string; meta?: Record<string, unknown> } | { error: string } {
+export interface IdLine {
+  id: string;
+  /** The secret after `@`, or null for a plain ID. */
+  secret: string | null;
+  type?: string;
+  meta?: Record<string, unknown>;
+}
+
+/**
+ * Splits an ID line `id[@secret][##type[##{json}]]`: the client ID, the device's
+ * secret (see auth.ts), its self-declared type and metadata. `@` and `##` are
+ * therefore not part of a client ID.
+ */
+export function parseIdLine(line: string): IdLine | { error: string } {
   const at = line.indexOf('##');
-  if (at < 0) return { id: line };
-  const id = line.slice(0, at);
+  const { id, secret } = splitSecret(at < 0 ? line : line.slice(0, at));
+  if (!id) return { error: at < 0 ? 'empty client ID before "@"' : 'empty client ID before "##"' };
+  if (secret === '') return { error: 'empty secret after "@"' };
+  if (at < 0) return { id, secret };
   const rest = line.slice(at + 2);
   const at2 = rest.indexOf('##');
   const type = at2 < 0 ? rest : rest.slice(0, at2);
-  if (!id) return { error: 'empty client ID before "##"' };
   if (!type) return { error: 'empty type after "##"' };
-  if (at2 < 0) return { id, type };
+  if (at2 < 0) return { id, secret, type };
   let meta: unknown;
   try {
     meta = JSON.parse(rest.slice(at2 + 2));
@@ -76,7 +106,7 @@ export function parseIdLine(line: string): { id: string; type?: string; meta?: R
     return { error: `metadata is not valid JSON (${(e as Error).message})` };
   }
   if (!meta || typeof meta !== 'object' || Array.isArray(meta)) return { error: 'metadata must be a JSON object' };
-  return { id, type, meta: meta as Record<string, unknown> };
+  return { id, secret, type, meta: meta as Record<string, unknown> };
 }
 
 export class Server extends EventEmitter {
@@ -89,7 +119,10 @@ export class Server extends EventEmitter {
     closedEarly: 0,
     unknownId: 0,
     duplicateId: 0,
+    authFailed: 0,
   };
+  /** Times each limit turned something away (exported as tether_limit_hits_total). */
+  readonly limits: LimitHits = zeroHits();
   private readonly conns = new Map<string, Connection>();
   private readonly arrived = new Notifier();
   /** Links still sending their ID line, with what aborts each handshake. */
@@ -101,6 +134,14 @@ export class Server extends EventEmitter {
   private readonly expected: string[];
   private readonly duplicateId: DuplicateIdPolicy;
   private tcp: TcpTransport | null = null;
+  private tlsTcp: TcpTransport | null = null;
+  private readonly maxConnections: number;
+  private readonly maxPerAddress: number;
+  private readonly maxSendBuffer: number;
+  private openSockets = 0;
+  private readonly perAddress = new Map<string, number>();
+  private readonly auth: (Required<Omit<AuthOptions, 'devices'>> & { devices: Map<string, string> }) | null;
+  private readonly failures: FailureTracker | null;
   private closed = false;
   /** The journals, when persistence is on. */
   readonly store: FileStore | null;
@@ -108,7 +149,20 @@ export class Server extends EventEmitter {
   /** Creates a server and starts listening on TCP. */
   static async listen(opts: ServerOptions = {}): Promise<Server> {
     const server = new Server(opts);
-    await server.listenTcp(opts.host ?? SERVER_DEFAULTS.host, opts.port ?? SERVER_DEFAULTS.port);
+    const host = opts.host ?? SERVER_DEFAULTS.host;
+    const port = opts.port ?? SERVER_DEFAULTS.port;
+    try {
+      if (opts.tls) {
+        const separate = opts.tls.port !== undefined;
+        await server.listenTcp(host, separate ? opts.tls.port! : port, opts.tls);
+        if (separate) await server.listenTcp(host, port);
+      } else {
+        await server.listenTcp(host, port);
+      }
+    } catch (e) {
+      await server.close();
+      throw e;
+    }
     return server;
   }
 
@@ -127,19 +181,114 @@ export class Server extends EventEmitter {
     if (this.duplicateId !== 'ignore-new' && this.duplicateId !== 'replace-old') {
       throw new TetherError('ERR_BAD_CONFIG', `duplicateId must be "ignore-new" or "replace-old", got ${JSON.stringify(this.duplicateId)}`);
     }
+    this.maxConnections = checkInt('maxConnections', opts.maxConnections ?? SERVER_DEFAULTS.maxConnections, 1);
+    this.maxPerAddress = checkInt('maxConnectionsPerAddress', opts.maxConnectionsPerAddress ?? SERVER_DEFAULTS.maxConnectionsPerAddress, 1);
+    this.maxSendBuffer = checkInt('maxSendBuffer', opts.maxSendBuffer ?? SERVER_DEFAULTS.maxSendBuffer, 1024);
+    if (opts.tls && !TLS_CLIENT_CERTS.includes(opts.tls.clientCerts ?? 'off')) {
+      throw new TetherError('ERR_BAD_CONFIG', `tls.clientCerts must be one of ${TLS_CLIENT_CERTS.join(', ')}, got ${JSON.stringify(opts.tls.clientCerts)}`);
+    }
+    if (opts.auth) {
+      const a = opts.auth;
+      const devices = new Map(Object.entries(a.devices ?? {}));
+      for (const [id, stored] of devices) {
+        if (hashProblem(stored)) throw new TetherError('ERR_BAD_CONFIG', `auth.devices[${JSON.stringify(id)}] must be ${hashProblem(stored)}`);
+      }
+      this.auth = {
+        devices,
+        required: a.required ?? AUTH_DEFAULTS.required,
+        maxFailures: checkInt('auth.maxFailures', a.maxFailures ?? AUTH_DEFAULTS.maxFailures, 1),
+        failureWindow: checkInt('auth.failureWindow', a.failureWindow ?? AUTH_DEFAULTS.failureWindow, 1),
+        blockFor: checkInt('auth.blockFor', a.blockFor ?? AUTH_DEFAULTS.blockFor, 0),
+      };
+      this.failures = new FailureTracker(this.auth.maxFailures, this.auth.failureWindow, this.auth.blockFor);
+    } else {
+      this.auth = null;
+      this.failures = null;
+    }
   }
 
-  async listenTcp(host: string, port: number): Promise<AddressInfo> {
-    if (this.tcp) throw new Error('this server already listens on TCP');
-    this.tcp = new TcpTransport((link) => this.accept(link), { host, port, logger: this.log });
-    const addr = await this.tcp.listen();
-    this.log.info('listening', { host: addr.address, port: addr.port });
+  /** Counts a limit hit and logs it (throttled: a flood of junk must not flood the log). */
+  hitLimit(name: LimitName, msg: string, fields: Record<string, unknown> = {}): void {
+    this.limits[name]++;
+    throttledWarn(this.log, msg, { limit: name, ...fields });
+  }
+
+  /** Decides whether a new socket from `address` may stay open (the connection limits and auth blocks). */
+  private admit(address: string): LimitName | null {
+    const blocked = this.failures?.blockedFor(address) ?? 0;
+    if (blocked > 0) {
+      this.hitLimit('addressBlocked', 'connection refused: address blocked after failed authentication', {
+        address,
+        retryInMs: blocked,
+        hint: 'check the secret configured on the device; the block lifts by itself (auth.blockFor)',
+      });
+      return 'addressBlocked';
+    }
+    if (this.openSockets >= this.maxConnections) {
+      this.hitLimit('maxConnections', 'connection refused: maxConnections reached', { address, maxConnections: this.maxConnections, hint: 'raise maxConnections, or run more gateways' });
+      return 'maxConnections';
+    }
+    const mine = this.perAddress.get(address) ?? 0;
+    if (mine >= this.maxPerAddress) {
+      this.hitLimit('maxConnectionsPerAddress', 'connection refused: too many connections from one address', {
+        address,
+        maxConnectionsPerAddress: this.maxPerAddress,
+        hint: 'raise maxConnectionsPerAddress if many devices share this address (NAT)',
+      });
+      return 'maxConnectionsPerAddress';
+    }
+    this.openSockets++;
+    this.perAddress.set(address, mine + 1);
+    return null;
+  }
+
+  private release(address: string): void {
+    this.openSockets--;
+    const left = (this.perAddress.get(address) ?? 1) - 1;
+    if (left > 0) this.perAddress.set(address, left);
+    else this.perAddress.delete(address);
+  }
+
+  /** Device sockets open right now (TCP and TLS), as the connection limits count them. */
+  get openConnections(): number {
+    return this.openSockets;
+  }
+
+  /** Source addresses blocked right now after failed authentication. */
+  get blockedAddresses(): number {
+    return this.failures?.blockedCount ?? 0;
+  }
+
+  /** Starts listening for device links on TCP, or TLS with `tls` (once each). */
+  async listenTcp(host: string, port: number, tls?: TlsOptions): Promise<AddressInfo> {
+    if (tls ? this.tlsTcp : this.tcp) throw new Error(`this server already listens on ${tls ? 'TLS' : 'TCP'}`);
+    const transport = new TcpTransport((link) => this.accept(link), {
+      host,
+      port,
+      tls,
+      logger: this.log,
+      handshakeTimeout: this.idTimeout,
+      maxSendBuffer: this.maxSendBuffer,
+      admit: (address) => this.admit(address),
+      release: (address) => this.release(address),
+      onLimit: (name, fields) =>
+        this.hitLimit(name, name === 'tlsHandshake' ? 'TLS handshake failed: socket closed' : 'device not reading: link dropped', fields),
+    });
+    if (tls) this.tlsTcp = transport;
+    else this.tcp = transport;
+    const addr = await transport.listen();
+    this.log.info('listening', { host: addr.address, port: addr.port, tls: !!tls, clientCerts: tls ? (tls.clientCerts ?? 'off') : undefined });
     return addr;
   }
 
-  /** The TCP port listened on (useful with port 0). */
+  /** The plain TCP port listened on (useful with port 0); with TLS on the main port, that port. */
   get port(): number {
-    return this.tcp?.address()?.port ?? 0;
+    return (this.tcp ?? this.tlsTcp)?.address()?.port ?? 0;
+  }
+
+  /** The TLS port, or 0 without TLS. */
+  get tlsPort(): number {
+    return this.tlsTcp?.address()?.port ?? 0;
   }
 
   /** Links that have not yet sent their ID line. */
@@ -188,11 +337,12 @@ export class Server extends EventEmitter {
       this.handshaking.delete(link);
       link.setHandlers(null);
     };
-    const reject = (why: keyof HandshakeStats, msg: string, fields: Record<string, unknown> = {}) => {
+    const reject = (why: 'idTimeout' | 'idTooLong' | 'badId', msg: string, fields: Record<string, unknown> = {}) => {
       finish();
       this.handshakes[why]++;
       link.close(msg);
-      this.log.warn(msg, { remote: link.remote, ...fields });
+      if (why === 'badId') throttledWarn(this.log, msg, { remote: link.remote, ...fields });
+      else this.hitLimit(why === 'idTimeout' ? 'idTimeout' : 'maxIdLength', msg, { remote: link.remote, ...fields });
     };
     const timer = setTimeout(
       () =>
@@ -253,9 +403,85 @@ export class Server extends EventEmitter {
     if ('error' in declared) {
       this.handshakes.badId++;
       link.close('bad ID line');
-      this.log.warn('bad ID line: socket closed', { remote: link.remote, error: declared.error, hint: 'use id##type##{"json": "metadata"} or a plain ID' });
+      throttledWarn(this.log, 'bad ID line: socket closed', { remote: link.remote, error: declared.error, hint: 'send a plain ID, or id@secret##type##{"json": "metadata"}' });
       return;
     }
+    if (!this.auth) {
+      if (declared.secret !== null) {
+        throttledWarn(this.log, 'device sent a secret but auth is off: secret ignored', { id: declared.id, remote: link.remote, hint: 'add an "auth" section to the config to check secrets' });
+      }
+      this.bind(declared, link, rest);
+      return;
+    }
+    // Hold the link (and anything it sends) while the secret is checked off the event loop.
+    const held: Buffer[] = rest && rest.length > 0 ? [rest] : [];
+    let gone = false;
+    const abort = () => {
+      gone = true;
+      link.close('server closed');
+    };
+    this.handshaking.set(link, abort);
+    link.pause();
+    link.setHandlers({
+      data: (chunk) => held.push(chunk),
+      close: () => {
+        gone = true;
+        this.handshakes.closedEarly++;
+      },
+      drain: () => {},
+    });
+    this.authenticate(declared, link).then(
+      (why) => {
+        this.handshaking.delete(link);
+        if (gone || this.closed) return;
+        link.setHandlers(null);
+        if (why) {
+          this.authFailed(declared.id, link, why);
+          return;
+        }
+        link.resume();
+        this.bind(declared, link, held.length > 0 ? Buffer.concat(held) : undefined);
+      },
+      (err) => {
+        this.handshaking.delete(link);
+        link.close('authentication error');
+        this.log.error('authentication check failed', { id: declared.id, remote: link.remote, err });
+      },
+    );
+  }
+
+  /** Why `d` may not use its ID on `link`, or null if it may. */
+  private async authenticate(d: IdLine, link: Link): Promise<string | null> {
+    const auth = this.auth!;
+    if (link.certId) return link.certId === d.id ? null : `its TLS certificate is for ${JSON.stringify(link.certId)}`;
+    const stored = auth.devices.get(d.id);
+    if (stored === undefined) return auth.required ? 'no secret is configured for this ID (auth.devices)' : null;
+    if (d.secret === null) return 'no secret in the ID line (send id@secret)';
+    return (await verifySecret(d.secret, stored)) ? null : 'wrong secret';
+  }
+
+  private authFailed(id: string, link: Link, why: string): void {
+    this.handshakes.authFailed++;
+    link.close('authentication failed');
+    const address = link.address ?? link.remote;
+    this.hitLimit('authFailed', 'authentication failed: socket closed', {
+      id,
+      remote: link.remote,
+      why,
+      hint: 'configure the device with id@secret as its client ID (tether secret <id> makes one), or a TLS client certificate for its ID',
+    });
+    if (this.failures!.fail(address)) {
+      this.log.warn('address blocked after repeated authentication failures', {
+        address,
+        failures: this.auth!.maxFailures,
+        blockForMs: this.auth!.blockFor,
+        hint: 'its connections are refused until the block lifts; fix the secret on the device',
+      });
+    }
+  }
+
+  /** Attaches an admitted (and, with auth, authenticated) link to its ID's Connection. */
+  private bind(declared: IdLine, link: Link, rest?: Buffer): void {
     const id = declared.id;
     if (this.allow && !this.allow.has(id)) {
       this.handshakes.unknownId++;
@@ -315,7 +541,7 @@ export class Server extends EventEmitter {
     for (const c of this.conns.values()) c.close();
     this.store?.closeAll();
     this.arrived.notify();
-    await this.tcp?.close();
+    await Promise.all([this.tcp?.close(), this.tlsTcp?.close()]);
     this.log.info('server closed');
   }
 

@@ -1,22 +1,50 @@
 /**
- * TCP: sockets in, links out. Nothing here knows what an ACK or an ID line is.
+ * TCP and TLS: sockets in, links out. Nothing here knows what an ACK or an ID
+ * line is. The transport applies the connection limits (total and per source
+ * address) before a socket becomes a link, and each link caps what it buffers
+ * for a peer that does not read.
  */
+import * as fs from 'node:fs';
 import * as net from 'node:net';
+import * as tls from 'node:tls';
 import type { AddressInfo } from 'node:net';
+import { TetherError } from '../errors';
+import type { LimitName } from '../limits';
 import type { Link, LinkHandlers } from '../link';
 import type { Logger } from '../log';
 
-/** One TCP socket as a link. */
+export interface TcpLinkOptions {
+  /** Bytes queued toward a peer that does not read before the link is dropped. Default: no cap. */
+  maxSendBuffer?: number;
+  /** Told when the send buffer cap drops the link. */
+  onLimit?: (name: LimitName, fields: Record<string, unknown>) => void;
+  /** The client ID the peer's verified TLS certificate grants, if any. */
+  certId?: string | null;
+}
+
+/** One TCP (or TLS) socket as a link. */
 export class TcpLink implements Link {
   readonly remote: string;
+  /** The peer's IP address (what per-address limits count). */
+  readonly address: string;
+  /** The client ID proven by the peer's TLS client certificate, or null. */
+  readonly certId: string | null;
   private h: LinkHandlers | null = null;
   private closed = false;
   /** Lines written during this turn of the event loop, sent together by one socket write. */
   private out = '';
   private flushing: NodeJS.Immediate | null = null;
+  private readonly maxSendBuffer: number;
 
-  constructor(readonly socket: net.Socket) {
-    this.remote = `tcp:${socket.remoteAddress}:${socket.remotePort}`;
+  constructor(
+    readonly socket: net.Socket,
+    private readonly opts: TcpLinkOptions = {},
+  ) {
+    const scheme = socket instanceof tls.TLSSocket ? 'tls' : 'tcp';
+    this.address = socket.remoteAddress ?? 'unknown';
+    this.remote = `${scheme}:${socket.remoteAddress}:${socket.remotePort}`;
+    this.certId = opts.certId ?? null;
+    this.maxSendBuffer = opts.maxSendBuffer ?? Infinity;
     socket.setNoDelay(true);
     socket.on('data', (chunk: Buffer) => this.h?.data(chunk));
     socket.on('drain', () => this.h?.drain());
@@ -40,7 +68,12 @@ export class TcpLink implements Link {
     this.flushing = null;
     const data = this.out;
     this.out = '';
-    if (!this.closed && data) this.socket.write(data);
+    if (this.closed || !data) return;
+    this.socket.write(data);
+    if (this.socket.writableLength > this.maxSendBuffer) {
+      this.opts.onLimit?.('maxSendBuffer', { remote: this.remote, buffered: this.socket.writableLength, maxSendBuffer: this.maxSendBuffer });
+      this.ended(`send buffer over ${this.maxSendBuffer} bytes: the peer is not reading`);
+    }
   };
 
   pause(): void {
@@ -80,25 +113,127 @@ export class TcpLink implements Link {
   }
 }
 
+
+/** TLS for device links. Paths are read when the server starts. */
+export interface TlsOptions {
+  /** PEM private key file. */
+  key: string;
+  /** PEM certificate (chain) file the server presents. */
+  cert: string;
+  /** PEM CA file that client certificates must chain to. Default: none (no client certificates). */
+  ca?: string;
+  /**
+   * `off`: no client certificates (default). `optional`: a device may present one
+   * signed by `ca`; if it verifies, it proves the ID it names. `required`: a link
+   * without a valid client certificate is refused during the handshake.
+   */
+  clientCerts?: 'off' | 'optional' | 'required';
+  /** Certificate subject CN → client ID it proves. Default: the CN is the client ID. */
+  certIds?: Record<string, string>;
+  /**
+   * Port for TLS. Default: the server's `port`, which then speaks TLS only. A
+   * different port serves TLS there and plain TCP on `port` (for a fleet moving
+   * to TLS).
+   */
+  port?: number;
+}
+
+export const TLS_CLIENT_CERTS = ['off', 'optional', 'required'] as const;
+
 export interface TcpListenOptions {
   host: string;
   port: number;
   logger: Logger;
+  /** Serve TLS instead of plain TCP. */
+  tls?: TlsOptions | null;
+  /** ms a TLS handshake may take. Default 10000. */
+  handshakeTimeout?: number;
+  /** Asked for every new socket: null admits it, a limit name refuses it (the socket is closed at once). */
+  admit?: (address: string) => LimitName | null;
+  /** Told when an admitted socket closes. */
+  release?: (address: string) => void;
+  /** Told when a limit is hit inside the transport (TLS handshake failures, send buffer). */
+  onLimit?: (name: LimitName, fields: Record<string, unknown>) => void;
+  maxSendBuffer?: number;
 }
 
-/** Accepts TCP connections and hands each one, as a link, to `accept`. */
+/** Reads the PEM files named by `opts`, with an error that says which file is wrong. */
+function secureContextOptions(opts: TlsOptions): tls.TlsOptions {
+  const read = (what: string, file: string) => {
+    try {
+      return fs.readFileSync(file);
+    } catch (e) {
+      throw new TetherError('ERR_BAD_CONFIG', `tls.${what}: cannot read ${file} (${(e as NodeJS.ErrnoException).code ?? e}): check the path`);
+    }
+  };
+  const clientCerts = opts.clientCerts ?? 'off';
+  if (clientCerts !== 'off' && !opts.ca) {
+    throw new TetherError('ERR_BAD_CONFIG', `tls.clientCerts is "${clientCerts}" but tls.ca is not set: give the CA file client certificates are signed by`);
+  }
+  return {
+    key: read('key', opts.key),
+    cert: read('cert', opts.cert),
+    ca: opts.ca ? read('ca', opts.ca) : undefined,
+    requestCert: clientCerts !== 'off',
+    rejectUnauthorized: clientCerts === 'required',
+  };
+}
+
+/** Accepts TCP (or TLS) connections and hands each one, as a link, to `accept`. */
 export class TcpTransport {
   private readonly srv: net.Server;
   private readonly sockets = new Set<net.Socket>();
+  private readonly refused = new WeakSet<net.Socket>();
 
   constructor(
     private readonly accept: (link: Link) => void,
     private readonly opts: TcpListenOptions,
   ) {
-    this.srv = net.createServer((socket) => {
+    const linkOpts = (certId: string | null): TcpLinkOptions => ({ maxSendBuffer: opts.maxSendBuffer, onLimit: opts.onLimit, certId });
+    if (opts.tls) {
+      const t = opts.tls;
+      const srv = tls.createServer({ ...secureContextOptions(t), handshakeTimeout: opts.handshakeTimeout ?? 10_000 }, (socket) => {
+        if (socket.destroyed) return;
+        let certId: string | null = null;
+        if (socket.authorized) {
+          const cn = socket.getPeerCertificate()?.subject?.CN;
+          const name = Array.isArray(cn) ? cn[0] : cn;
+          if (name) certId = t.certIds?.[name] ?? name;
+        }
+        this.accept(new TcpLink(socket, linkOpts(certId)));
+      });
+      srv.on('tlsClientError', (err: NodeJS.ErrnoException, socket: tls.TLSSocket) => {
+        // Node keeps the raw socket under `_parent`; the TLS socket has lost its address by now.
+        const raw = (socket as unknown as { _parent?: net.Socket })?._parent;
+        if (raw && this.refused.has(raw)) return;
+        opts.onLimit?.('tlsHandshake', {
+          remote: raw?.remoteAddress ?? socket?.remoteAddress,
+          error: err.code ?? err.message,
+          hint: 'the device must speak TLS to this port and trust the server certificate (and present a client certificate if tls.clientCerts is "required")',
+        });
+      });
+      this.srv = srv;
+    } else {
+      this.srv = net.createServer((socket) => {
+        if (socket.destroyed) return;
+        this.accept(new TcpLink(socket, linkOpts(null)));
+      });
+    }
+    // Admission runs before the TLS handshake (or the plain link): refused sockets cost nothing more.
+    this.srv.prependListener('connection', (socket: net.Socket) => {
+      socket.on('error', () => {}); // errors of refused or half-made sockets are reported by the link, if any
+      const address = socket.remoteAddress ?? 'unknown';
+      const refuse = opts.admit?.(address) ?? null;
+      if (refuse) {
+        this.refused.add(socket);
+        socket.destroy();
+        return;
+      }
       this.sockets.add(socket);
-      socket.once('close', () => this.sockets.delete(socket));
-      this.accept(new TcpLink(socket));
+      socket.once('close', () => {
+        this.sockets.delete(socket);
+        opts.release?.(address);
+      });
     });
     // Listen errors are reported by listen(); later ones are logged here.
     this.srv.on('error', (err) => {
@@ -109,6 +244,10 @@ export class TcpTransport {
   /** Sockets open right now (handshaking or attached). */
   get openSockets(): number {
     return this.sockets.size;
+  }
+
+  get isTls(): boolean {
+    return !!this.opts.tls;
   }
 
   listen(): Promise<AddressInfo> {

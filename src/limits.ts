@@ -1,0 +1,63 @@
+/**
+ * Limit hits: every time a limit turns something away it is counted here (and
+ * exported as `tether_limit_hits_total{limit}`) and logged, with the log
+ * throttled so a flood of junk cannot flood the log as well.
+ */
+import type { Fields, Logger } from './log';
+
+/** Server-wide limits counted by the Server and its transports. */
+export const LIMIT_NAMES = [
+  'maxConnections',
+  'maxConnectionsPerAddress',
+  'idTimeout',
+  'maxIdLength',
+  'authFailed',
+  'addressBlocked',
+  'tlsHandshake',
+  'maxSendBuffer',
+] as const;
+export type LimitName = (typeof LIMIT_NAMES)[number];
+
+export type LimitHits = Record<LimitName, number>;
+
+export function zeroHits(): LimitHits {
+  return Object.fromEntries(LIMIT_NAMES.map((n) => [n, 0])) as LimitHits;
+}
+
+const WINDOW = 10_000;
+const PER_WINDOW = 10;
+
+interface Throttle {
+  start: number;
+  logged: number;
+  suppressed: number;
+}
+
+const throttles = new Map<string, Throttle>();
+
+/**
+ * Logs a warning at most 10 times per 10 s per `msg`; the first record after a
+ * quiet spell says how many were suppressed meanwhile.
+ */
+export function throttledWarn(log: Logger, msg: string, fields: Fields = {}, now = Date.now()): void {
+  let t = throttles.get(msg);
+  if (!t) {
+    t = { start: now, logged: 0, suppressed: 0 };
+    throttles.set(msg, t);
+  }
+  if (now - t.start >= WINDOW) {
+    t.start = now;
+    t.logged = 0;
+  }
+  if (t.logged >= PER_WINDOW) {
+    t.suppressed++;
+    return;
+  }
+  t.logged++;
+  if (t.suppressed > 0) {
+    log.warn(msg, { ...fields, suppressed: t.suppressed, note: 'similar warnings were suppressed (at most 10 per 10 s are logged)' });
+    t.suppressed = 0;
+  } else {
+    log.warn(msg, fields);
+  }
+}
