@@ -71,9 +71,11 @@ export interface HttpConfig {
   port: number;
   /** If set, every POST needs `Authorization: Bearer <token>`; GETs and the WebSocket stay open. */
   token: string | null;
+  /** HTTPS with this key and certificate (paths relative to the config file); null = plain HTTP. */
+  tls: { key: string; cert: string } | null;
 }
 
-export const HTTP_CONFIG_DEFAULTS: HttpConfig = { host: '127.0.0.1', port: 8124, token: null };
+export const HTTP_CONFIG_DEFAULTS: HttpConfig = { host: '127.0.0.1', port: 8124, token: null, tls: null };
 
 export const CONFIG_DEFAULTS: Omit<TetherConfig, 'baseDir' | 'idTimeout'> & { idTimeout: number | null } = {
   host: '0.0.0.0',
@@ -184,6 +186,7 @@ const HTTP_CHECKS: Record<string, Check> = {
   host: str,
   port: int(0, 65535),
   token: (v) => (v === null || (typeof v === 'string' && v.length > 0 && !/\s/.test(v)) ? null : 'null or a non-empty string without spaces'),
+  tls: (v) => section({ key: file, cert: file }, '{ "key": "api.key", "cert": "api.crt" }', ['key', 'cert'])(v),
 };
 
 const CHECKS: Record<string, Check> = {
@@ -270,6 +273,10 @@ function bad(where: string, msg: string): TetherError {
   return new TetherError('ERR_BAD_CONFIG', `${where}: ${msg}`);
 }
 
+function resolveHttp(h: HttpConfig, baseDir: string): HttpConfig {
+  return h.tls ? { ...h, tls: { key: path.resolve(baseDir, h.tls.key), cert: path.resolve(baseDir, h.tls.cert) } } : h;
+}
+
 /** Validates a parsed config object and fills in the defaults. */
 export function resolveConfig(raw: unknown, where = 'config', baseDir = process.cwd()): TetherConfig {
   if (!raw || typeof raw !== 'object' || Array.isArray(raw)) throw bad(where, 'must be a JSON object, e.g. { "port": 8123 }');
@@ -290,7 +297,7 @@ export function resolveConfig(raw: unknown, where = 'config', baseDir = process.
   return {
     ...merged,
     log: { ...CONFIG_DEFAULTS.log, ...(obj.log as object) },
-    http: obj.http === null ? null : { ...HTTP_CONFIG_DEFAULTS, ...(obj.http as object) },
+    http: obj.http === null ? null : resolveHttp({ ...HTTP_CONFIG_DEFAULTS, ...(obj.http as object) }, baseDir),
     idTimeout: merged.idTimeout ?? merged.timeout,
     tls: merged.tls && {
       ...merged.tls,

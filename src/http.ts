@@ -16,12 +16,14 @@
 import { createHash, timingSafeEqual } from 'node:crypto';
 import * as fs from 'node:fs';
 import * as http from 'node:http';
+import * as https from 'node:https';
 import type { AddressInfo, Socket } from 'node:net';
 import * as path from 'node:path';
 import * as prom from 'prom-client';
 import { WebSocket, WebSocketServer } from 'ws';
 import type { Connection } from './connection';
 import { ENDPOINT_DEFAULTS } from './endpoint';
+import { TetherError } from './errors';
 import type { Counters } from './endpoint';
 import { LIMIT_NAMES } from './limits';
 import type { DeviceInfo, Fleet, SendOutcome } from './fleet';
@@ -45,6 +47,8 @@ export interface HttpApiOptions {
   logger?: Logger;
   /** Folder with the dashboard (index.html, app.js, style.css). Default: `dashboard/` of this repository. */
   dashboardDir?: string;
+  /** Serve HTTPS (and WSS) with this PEM key and certificate (file paths). Default: plain HTTP. */
+  tls?: { key: string; cert: string } | null;
   /** Most browsers connected to /ws at once. Default 64. */
   maxBrowsers?: number;
   /** Bytes queued for one browser before it is dropped as too slow. Default 1 MiB. */
@@ -285,6 +289,10 @@ function uplotDir(): string | null {
   }
 }
 
+function isLoopback(host: string): boolean {
+  return host === 'localhost' || host === '::1' || host.startsWith('127.');
+}
+
 // ---- the server -----------------------------------------------------------------
 
 interface RecentLine {
@@ -326,6 +334,7 @@ export class HttpApi {
   private readonly maxBrowserQueue: number;
   private readonly maxLineLength: number;
   private readonly http: http.Server;
+  private readonly secure: boolean;
   private readonly wss: WebSocketServer;
   private readonly browsers = new Set<Browser>();
   private readonly recent = new Map<string, { lines: RecentLine[]; chars: number }>();
@@ -353,7 +362,26 @@ export class HttpApi {
       throw new TypeError('token must be a non-empty string, or null for none');
     }
 
-    this.http = http.createServer((req, res) => void this.handle(req, res));
+    if (!this.token && !isLoopback(this.host)) {
+      this.log.warn('the HTTP API will listen beyond this machine without a token: anyone who reaches it can send lines to devices', {
+        host: this.host,
+        hint: 'set "token" in the "http" section, or "host": "127.0.0.1"',
+      });
+    }
+    const handler = (req: http.IncomingMessage, res: http.ServerResponse) => void this.handle(req, res);
+    this.secure = !!opts.tls;
+    if (opts.tls) {
+      const read = (what: string, file: string) => {
+        try {
+          return fs.readFileSync(file);
+        } catch (e) {
+          throw new TetherError('ERR_BAD_CONFIG', `http.tls.${what}: cannot read ${file} (${(e as NodeJS.ErrnoException).code ?? e}): check the path`);
+        }
+      };
+      this.http = https.createServer({ key: read('key', opts.tls.key), cert: read('cert', opts.tls.cert) }, handler);
+    } else {
+      this.http = http.createServer(handler);
+    }
     this.http.on('upgrade', (req, socket, head) => this.upgrade(req, socket as Socket, head));
     this.wss = new WebSocketServer({ noServer: true, maxPayload: 4 * MAX_WS_MESSAGE });
 
@@ -396,6 +424,7 @@ export class HttpApi {
         this.http.on('error', (e) => this.log.error('HTTP server error', { error: e.message }));
         this.listening = true;
         this.log.info('HTTP API listening', { url: this.url, token: this.token ? 'required for POST' : 'none' });
+
         resolve(this.http.address() as AddressInfo);
       });
     });
@@ -410,7 +439,7 @@ export class HttpApi {
   /** Where a browser on this machine finds the dashboard, e.g. `http://127.0.0.1:8124/`. */
   get url(): string {
     const h = this.host === '0.0.0.0' ? '127.0.0.1' : this.host === '::' ? '[::1]' : this.host.includes(':') ? `[${this.host}]` : this.host;
-    return `http://${h}:${this.port}/`;
+    return `${this.secure ? 'https' : 'http'}://${h}:${this.port}/`;
   }
 
   /** Closes every WebSocket and HTTP connection and stops listening. The Server and Fleet stay as they are. */
@@ -585,6 +614,7 @@ export class HttpApi {
     const m = /^Bearer\s+(.+)$/i.exec(req.headers.authorization ?? '');
     const digest = (s: string) => createHash('sha256').update(s).digest();
     if (!m || !timingSafeEqual(digest(m[1].trim()), digest(this.token))) {
+      this.server.hitLimit('httpToken', 'HTTP request refused: missing or wrong token', { remote: req.socket.remoteAddress, path: req.url });
       throw new HttpProblem(
         401,
         req.headers.authorization

@@ -15,6 +15,7 @@ export const LIMIT_NAMES = [
   'addressBlocked',
   'tlsHandshake',
   'maxSendBuffer',
+  'httpToken',
 ] as const;
 export type LimitName = (typeof LIMIT_NAMES)[number];
 

@@ -782,11 +782,12 @@ test('close() ends WebSockets and keep-alive connections; a busy port is an erro
 });
 
 test('config: the "http" section, its defaults, null to turn it off, and its errors', (t) => {
-  t.deepEqual(resolveConfig({}).http, { host: '127.0.0.1', port: 8124, token: null });
+  t.deepEqual(resolveConfig({}).http, { host: '127.0.0.1', port: 8124, token: null, tls: null });
   t.is(resolveConfig({ http: null }).http, null);
-  t.deepEqual(resolveConfig({ http: { port: 0, token: 'abc' } }).http, { host: '127.0.0.1', port: 0, token: 'abc' });
+  t.deepEqual(resolveConfig({ http: { port: 0, token: 'abc' } }).http, { host: '127.0.0.1', port: 0, token: 'abc', tls: null });
+  t.deepEqual(resolveConfig({ http: { tls: { key: 'a.key', cert: 'a.crt' } } }, 'local.json', '/etc/tether').http?.tls, { key: '/etc/tether/a.key', cert: '/etc/tether/a.crt' });
   t.throws(() => resolveConfig({ http: { port: 'x' } }), { message: /"http" must be an object whose "port" is an integer from 0 to 65535/ });
-  t.throws(() => resolveConfig({ http: { prot: 1 } }), { message: /"http" must be an object with known keys only \(host, port, token\); "prot" is unknown/ });
+  t.throws(() => resolveConfig({ http: { prot: 1 } }), { message: /"http" must be an object with known keys only \(host, port, token, tls\); "prot" is unknown/ });
   t.throws(() => resolveConfig({ http: { token: '' } }), { message: /"token" is null or a non-empty string/ });
   t.throws(() => resolveConfig({ http: true }), { message: /"http" must be null \(off\) or \{ "host"/ });
 });

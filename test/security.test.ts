@@ -7,6 +7,7 @@
  */
 import test, { ExecutionContext } from 'ava';
 import * as fs from 'node:fs';
+import * as https from 'node:https';
 import * as net from 'node:net';
 import * as tls from 'node:tls';
 import { Client, Connection, createLogger, Fleet, hashSecret, HttpApi, LogRecord, Server, ServerOptions, silentLogger, verifySecret } from '../src';
@@ -371,4 +372,53 @@ test('config: a TLS file that cannot be read is a clear error at startup', async
   await t.throwsAsync(Server.listen({ host: '127.0.0.1', port: 0, logger: silentLogger, tls: { key: '/nonexistent/key.pem', cert: pki.serverCert } }), {
     message: /tls\.key: cannot read \/nonexistent\/key\.pem \(ENOENT\): check the path/,
   });
+});
+
+// ---- the HTTP API ------------------------------------------------------------------------
+
+test('http: HTTPS with the configured certificate; a POST without the token is refused, logged and counted', async (t) => {
+  const { server, logs } = await start(t);
+  const api = new HttpApi({
+    server,
+    fleet: new Fleet(server),
+    host: '127.0.0.1',
+    port: 0,
+    token: 'api-token-123',
+    tls: { key: pki.serverKey, cert: pki.serverCert },
+    logger: createLogger({ level: 'debug', sink: (r) => logs.push(r) }),
+  });
+  await api.listen();
+  t.teardown(() => api.close());
+  t.regex(api.url, /^https:\/\/127\.0\.0\.1:\d+\/$/);
+  const request = (method: string, path: string, headers: Record<string, string> = {}, body?: string) =>
+    new Promise<{ status: number; body: string }>((resolve, reject) => {
+      const req = https.request({ host: '127.0.0.1', port: api.port, method, path, headers, ca: pem(pki.ca) }, (res) => {
+        let data = '';
+        res.on('data', (d) => (data += d));
+        res.on('end', () => resolve({ status: res.statusCode ?? 0, body: data }));
+      });
+      req.on('error', reject);
+      req.end(body);
+    });
+  const list = await request('GET', '/api/devices');
+  t.is(list.status, 200);
+  const post = await request('POST', '/api/broadcast', { 'content-type': 'application/json' }, '{"line":"x"}');
+  t.is(post.status, 401);
+  t.regex(post.body, /Authorization: Bearer/);
+  t.is(server.limits.httpToken, 1);
+  t.true(logs.some((r) => r.msg === 'HTTP request refused: missing or wrong token'));
+  const ok = await request('POST', '/api/broadcast', { 'content-type': 'application/json', authorization: 'Bearer api-token-123' }, '{"line":"x"}');
+  t.is(ok.status, 200);
+  // Plain HTTP to the HTTPS port gets nowhere.
+  await t.throwsAsync(fetch(`http://127.0.0.1:${api.port}/api/devices`));
+});
+
+test('http: an API configured to listen beyond loopback without a token logs a warning that says how to fix it', async (t) => {
+  const { server, logs } = await start(t);
+  // Configured only, never bound: the tests listen on loopback alone.
+  const api = new HttpApi({ server, fleet: new Fleet(server), host: '0.0.0.0', port: 0, logger: createLogger({ level: 'debug', sink: (r) => logs.push(r) }) });
+  t.teardown(() => api.close());
+  const w = logs.find((r) => r.msg.startsWith('the HTTP API will listen beyond this machine without a token'));
+  t.truthy(w);
+  t.regex(String(w?.hint), /token/);
 });
