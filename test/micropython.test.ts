@@ -7,7 +7,7 @@
 import test, { ExecutionContext } from 'ava';
 import * as path from 'node:path';
 import { AppRunner, loadApp } from '../src/apps';
-import { Client, Connection, createLogger, Server, ServerOptions, silentLogger } from '../src';
+import { Client, Connection, createLogger, hashSecret, Server, ServerOptions, silentLogger } from '../src';
 import { startMicroPython, MicroPython } from './helpers/micropython';
 import { ChaosProxy } from '../src/chaos';
 import { eventually } from './helpers/raw';
@@ -369,4 +369,21 @@ await d
 `);
   t.truthy(await srv.clientConn('from-file'));
   t.truthy(await srv.clientConn('override'));
+});
+
+test('auth: the unmodified client authenticates with "id@secret" as its client ID; a wrong secret gets nothing', async (t) => {
+  const srv = await server(t, { auth: { devices: { 'mp-auth': hashSecret('board-secret-123') }, maxFailures: 100 } });
+  const mp = await device(t, 'mp-auth@board-secret-123', srv.port);
+  await mp.call('start');
+  const conn = await srv.clientConn('mp-auth');
+  t.true(conn.isUp);
+  await mp.call('send', 0, 3);
+  t.deepEqual(await readN(conn, 3), range(0, 3));
+  // The same client code with the same ID and a wrong secret is refused before the duplicate-ID check.
+  const remote = conn.remote;
+  const bad = await device(t, 'mp-auth@wrong-secret-456', srv.port);
+  void bad.call('start').catch(() => {});
+  await until('the wrong secret refused', async () => srv.handshakes.authFailed >= 1);
+  t.is(srv.handshakes.duplicateId, 0);
+  t.is(conn.remote, remote);
 });
