@@ -41,6 +41,10 @@ export interface TetherConfig {
   maxConnections: number;
   maxConnectionsPerAddress: number;
   maxSendBuffer: number;
+  maxDevices: number;
+  maxStrikes: number;
+  strikeWindow: number;
+  blockFor: number;
   /** TLS for device links (file paths relative to the config file); null = plain TCP. */
   tls: TlsOptions | null;
   /** Device authentication; null = off (any ID may connect). */
@@ -92,6 +96,10 @@ export const CONFIG_DEFAULTS: Omit<TetherConfig, 'baseDir' | 'idTimeout'> & { id
   maxConnections: 10_000,
   maxConnectionsPerAddress: 256,
   maxSendBuffer: 1024 * 1024,
+  maxDevices: 100_000,
+  maxStrikes: 10,
+  strikeWindow: 60_000,
+  blockFor: 60_000,
   tls: null,
   auth: null,
   clients: [],
@@ -204,6 +212,10 @@ const CHECKS: Record<string, Check> = {
   maxConnections: int(1, 10_000_000),
   maxConnectionsPerAddress: int(1, 10_000_000),
   maxSendBuffer: int(1024, 1 << 30),
+  maxDevices: int(1, 100_000_000),
+  maxStrikes: int(0, 1_000_000),
+  strikeWindow: int(1, 86_400_000),
+  blockFor: int(0, 86_400_000),
   tls: section(TLS_CHECKS, '{ "key": "server.key", "cert": "server.crt", "ca": "ca.crt", "clientCerts": "off" }', ['key', 'cert']),
   auth: section(AUTH_CHECKS, '{ "devices": { "lamp-1": "sha256$…" }, "required": true }', ['devices']),
   clients: ids,

@@ -176,6 +176,8 @@ export abstract class Endpoint extends EventEmitter {
   private rxPaused = false;
   /** Reading resumed despite a full buffer so ACKs for our writes get through. */
   private shedding = false;
+  /** A bad line was already reported (as a `violation`) for the current link. */
+  private linkViolated = false;
   private lastRx = 0;
   private tick: NodeJS.Timeout | null = null;
   private settleTimer: NodeJS.Timeout | null = null;
@@ -426,6 +428,7 @@ export abstract class Endpoint extends EventEmitter {
     if (this.link) this.dropLink('replaced by a new link');
     this.link = link;
     this.linkId = nanoid(8);
+    this.linkViolated = false;
     this.splitter = new LineSplitter(this.maxLineLength);
     this.settleDelay = settleDelay;
     this.lastRx = Date.now();
@@ -513,6 +516,7 @@ export abstract class Endpoint extends EventEmitter {
 
   private readonly onLongLine = (): void => {
     this.counters.longLines++;
+    this.emit('violation', 'maxLineLength', this.link);
     throttledWarn(this.log, 'dropped a line longer than maxLineLength', {
       limit: 'maxLineLength',
       remote: this.link?.remote,
@@ -550,7 +554,11 @@ export abstract class Endpoint extends EventEmitter {
         break;
       case 'invalid':
         this.counters.badLines++;
-        this.log.warn('dropped a bad line', { remote: this.link?.remote, reason: p.reason, line: preview(line) });
+        throttledWarn(this.log, 'dropped a bad line', { remote: this.link?.remote, reason: p.reason, line: preview(line) });
+        if (!this.linkViolated) {
+          this.linkViolated = true;
+          this.emit('violation', 'badLine', this.link);
+        }
         break;
     }
     // The client side counts the peer's first line as the link coming up.

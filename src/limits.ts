@@ -16,6 +16,8 @@ export const LIMIT_NAMES = [
   'tlsHandshake',
   'maxSendBuffer',
   'httpToken',
+  'maxDevices',
+  'strikes',
 ] as const;
 export type LimitName = (typeof LIMIT_NAMES)[number];
 
@@ -34,17 +36,22 @@ interface Throttle {
   suppressed: number;
 }
 
-const throttles = new Map<string, Throttle>();
+/** Per log destination (a logger and its children share one), per message. */
+const throttles = new WeakMap<object, Map<string, Throttle>>();
 
 /**
- * Logs a warning at most 10 times per 10 s per `msg`; the first record after a
- * quiet spell says how many were suppressed meanwhile.
+ * Logs a warning at most 10 times per 10 s per `msg` and log destination; the
+ * first record after a quiet spell says how many were suppressed meanwhile.
  */
 export function throttledWarn(log: Logger, msg: string, fields: Fields = {}, now = Date.now()): void {
-  let t = throttles.get(msg);
+  if (log.level === 'error' || log.level === 'silent') return;
+  const key = log.throttleKey ?? log;
+  let byMsg = throttles.get(key);
+  if (!byMsg) throttles.set(key, (byMsg = new Map()));
+  let t = byMsg.get(msg);
   if (!t) {
     t = { start: now, logged: 0, suppressed: 0 };
-    throttles.set(msg, t);
+    byMsg.set(msg, t);
   }
   if (now - t.start >= WINDOW) {
     t.start = now;

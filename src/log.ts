@@ -19,6 +19,8 @@ export interface Logger {
   /** A logger that adds `fields` to every record. */
   child(fields: Fields): Logger;
   readonly level: Level;
+  /** Shared by a logger and its children (their sink): what throttled warnings are counted against. */
+  readonly throttleKey?: object;
 }
 
 const RANK: Record<Level, number> = { debug: 10, info: 20, warn: 30, error: 40, silent: 99 };
@@ -72,6 +74,7 @@ function make(level: Level, sink: (rec: LogRecord) => void, bound: Fields): Logg
   };
   return {
     level,
+    throttleKey: sink,
     debug: (m, f) => emit('debug', m, f),
     info: (m, f) => emit('info', m, f),
     warn: (m, f) => emit('warn', m, f),

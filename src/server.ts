@@ -46,6 +46,19 @@ export interface ServerOptions extends ConnectionOptions {
   maxConnectionsPerAddress?: number;
   /** Bytes queued toward a device that does not read before its link is dropped. Default 1 MiB. */
   maxSendBuffer?: number;
+  /** Client IDs (Connections) the server keeps at most; links with a new ID beyond this are refused. Default 100000. */
+  maxDevices?: number;
+  /**
+   * Protocol violations from one source address within `strikeWindow` that get it
+   * blocked for `blockFor`: no ID line in time, an over-long or bad ID line,
+   * closing before the ID line, an over-long line, a link sending bad lines.
+   * 0 turns blocking off. Default 10.
+   */
+  maxStrikes?: number;
+  /** ms over which strikes are counted. Default 60000. */
+  strikeWindow?: number;
+  /** ms an address blocked for strikes is refused. Default 60000. */
+  blockFor?: number;
   /** TLS for device links (see TlsOptions). Default: off (plain TCP, as the original). */
   tls?: TlsOptions | null;
   /** Device authentication by a secret in the ID line or a TLS client certificate. Default: off (any ID may connect, as the original). */
@@ -60,6 +73,10 @@ export const SERVER_DEFAULTS = {
   maxConnections: 10_000,
   maxConnectionsPerAddress: 256,
   maxSendBuffer: 1024 * 1024,
+  maxDevices: 100_000,
+  maxStrikes: 10,
+  strikeWindow: 60_000,
+  blockFor: 60_000,
 } as const;
 
 /** Why links were turned away before reaching a Connection. */
@@ -142,6 +159,9 @@ export class Server extends EventEmitter {
   private readonly perAddress = new Map<string, number>();
   private readonly auth: (Required<Omit<AuthOptions, 'devices'>> & { devices: Map<string, string> }) | null;
   private readonly failures: FailureTracker | null;
+  private readonly strikes: FailureTracker | null;
+  private readonly maxStrikes: number;
+  private readonly maxDevices: number;
   private closed = false;
   /** The journals, when persistence is on. */
   readonly store: FileStore | null;
@@ -184,6 +204,16 @@ export class Server extends EventEmitter {
     this.maxConnections = checkInt('maxConnections', opts.maxConnections ?? SERVER_DEFAULTS.maxConnections, 1);
     this.maxPerAddress = checkInt('maxConnectionsPerAddress', opts.maxConnectionsPerAddress ?? SERVER_DEFAULTS.maxConnectionsPerAddress, 1);
     this.maxSendBuffer = checkInt('maxSendBuffer', opts.maxSendBuffer ?? SERVER_DEFAULTS.maxSendBuffer, 1024);
+    this.maxDevices = checkInt('maxDevices', opts.maxDevices ?? SERVER_DEFAULTS.maxDevices, 1);
+    this.maxStrikes = checkInt('maxStrikes', opts.maxStrikes ?? SERVER_DEFAULTS.maxStrikes, 0);
+    this.strikes =
+      this.maxStrikes > 0
+        ? new FailureTracker(
+            this.maxStrikes,
+            checkInt('strikeWindow', opts.strikeWindow ?? SERVER_DEFAULTS.strikeWindow, 1),
+            checkInt('blockFor', opts.blockFor ?? SERVER_DEFAULTS.blockFor, 0),
+          )
+        : null;
     if (opts.tls && !TLS_CLIENT_CERTS.includes(opts.tls.clientCerts ?? 'off')) {
       throw new TetherError('ERR_BAD_CONFIG', `tls.clientCerts must be one of ${TLS_CLIENT_CERTS.join(', ')}, got ${JSON.stringify(opts.tls.clientCerts)}`);
     }
@@ -213,14 +243,27 @@ export class Server extends EventEmitter {
     throttledWarn(this.log, msg, { limit: name, ...fields });
   }
 
-  /** Decides whether a new socket from `address` may stay open (the connection limits and auth blocks). */
+  /** Records a protocol violation from `address`; enough of them block it (maxStrikes). */
+  private strike(address: string, why: string): void {
+    if (!this.strikes?.fail(address)) return;
+    this.hitLimit('strikes', 'address blocked after repeated protocol violations', {
+      address,
+      maxStrikes: this.maxStrikes,
+      last: why,
+      hint: 'its new connections are refused until the block lifts (blockFor); if it is a real device, fix what it sends (see the warnings before this one)',
+    });
+  }
+
+  /** Decides whether a new socket from `address` may stay open (the connection limits and address blocks). */
   private admit(address: string): LimitName | null {
-    const blocked = this.failures?.blockedFor(address) ?? 0;
+    const authBlock = this.failures?.blockedFor(address) ?? 0;
+    const blocked = Math.max(authBlock, this.strikes?.blockedFor(address) ?? 0);
     if (blocked > 0) {
-      this.hitLimit('addressBlocked', 'connection refused: address blocked after failed authentication', {
+      this.hitLimit('addressBlocked', 'connection refused: address blocked', {
         address,
         retryInMs: blocked,
-        hint: 'check the secret configured on the device; the block lifts by itself (auth.blockFor)',
+        why: authBlock > 0 ? 'failed authentication' : 'protocol violations',
+        hint: 'the block lifts by itself (auth.blockFor / blockFor); fix the device or its secret meanwhile',
       });
       return 'addressBlocked';
     }
@@ -256,7 +299,7 @@ export class Server extends EventEmitter {
 
   /** Source addresses blocked right now after failed authentication. */
   get blockedAddresses(): number {
-    return this.failures?.blockedCount ?? 0;
+    return (this.failures?.blockedCount ?? 0) + (this.strikes?.blockedCount ?? 0);
   }
 
   /** Starts listening for device links on TCP, or TLS with `tls` (once each). */
@@ -343,6 +386,7 @@ export class Server extends EventEmitter {
       link.close(msg);
       if (why === 'badId') throttledWarn(this.log, msg, { remote: link.remote, ...fields });
       else this.hitLimit(why === 'idTimeout' ? 'idTimeout' : 'maxIdLength', msg, { remote: link.remote, ...fields });
+      this.strike(link.address ?? link.remote, why);
     };
     const timer = setTimeout(
       () =>
@@ -388,6 +432,7 @@ export class Server extends EventEmitter {
         finish();
         this.handshakes.closedEarly++;
         this.log.debug('link closed before its ID line', { remote: link.remote, reason });
+        this.strike(link.address ?? link.remote, 'closedEarly');
       },
       drain: () => {},
     });
@@ -404,6 +449,7 @@ export class Server extends EventEmitter {
       this.handshakes.badId++;
       link.close('bad ID line');
       throttledWarn(this.log, 'bad ID line: socket closed', { remote: link.remote, error: declared.error, hint: 'send a plain ID, or id@secret##type##{"json": "metadata"}' });
+      this.strike(link.address ?? link.remote, 'badId');
       return;
     }
     if (!this.auth) {
@@ -490,6 +536,16 @@ export class Server extends EventEmitter {
       return;
     }
     let conn = this.conns.get(id);
+    if (!conn && this.conns.size >= this.maxDevices) {
+      link.close('too many devices');
+      this.hitLimit('maxDevices', 'new client ID refused: maxDevices reached', {
+        id,
+        remote: link.remote,
+        maxDevices: this.maxDevices,
+        hint: 'raise maxDevices, turn on auth so only known devices get a Connection, or run more gateways',
+      });
+      return;
+    }
     if (conn?.hasLink) {
       this.handshakes.duplicateId++;
       if (this.duplicateId === 'ignore-new') {
@@ -513,6 +569,7 @@ export class Server extends EventEmitter {
       const durable = this.store?.attach(id);
       conn = new Connection(id, (other) => this.conns.get(other), this.connOpts, durable);
       this.conns.set(id, conn);
+      conn.on('violation', (kind: string, l: Link | null) => this.strike(l?.address ?? l?.remote ?? `id:${id}`, kind));
       const created = conn;
       // An app that closes a Connection retires it: the ID's next link starts a fresh one.
       created.once('close', () => {

@@ -422,3 +422,50 @@ test('http: an API configured to listen beyond loopback without a token logs a w
   t.truthy(w);
   t.regex(String(w?.hint), /token/);
 });
+
+// ---- strikes and device count ------------------------------------------------------------
+
+test('strikes: an address that keeps breaking the protocol is blocked (even for a good ID); other addresses carry on', async (t) => {
+  const { server, logs } = await start(t, { maxStrikes: 4, blockFor: 60_000, idTimeout: 300 });
+  // Four different violations from 127.0.0.7: no ID line in time, an over-long ID line,
+  // closing before the ID line, and an over-long line after a plain ID.
+  await rawAttempt(server.port, 'slow-id-without-newline', '127.0.0.7');
+  await rawAttempt(server.port, 'x'.repeat(5000), '127.0.0.7');
+  await new Promise<void>((resolve) => {
+    const s = net.connect({ port: server.port, host: '127.0.0.1', localAddress: '127.0.0.7' }, () => s.end());
+    s.on('error', () => {});
+    s.on('close', () => resolve());
+  });
+  await eventually(() => server.handshakes.closedEarly >= 1, 3000, 'the early close to be seen');
+  t.is(server.blockedAddresses, 0, 'three strikes: not blocked yet');
+  const s = net.connect({ port: server.port, host: '127.0.0.1', localAddress: '127.0.0.7' });
+  s.on('error', () => {});
+  s.write('liner\n' + 'y'.repeat(70_000) + '\n');
+  await eventually(() => server.blockedAddresses === 1, 5000, 'the fourth strike to block the address');
+  t.true(logs.some((r) => r.msg === 'address blocked after repeated protocol violations' && r.address === '127.0.0.7'));
+  t.is(server.limits.strikes, 1);
+  s.destroy();
+
+  const refused = await rawAttempt(server.port, 'good-id\n', '127.0.0.7');
+  t.true(refused.closed);
+  t.is(server.get('good-id'), undefined, 'refused before its ID line was read');
+  t.true(server.limits.addressBlocked >= 1);
+  const other = client(t, server.port, 'good-id');
+  await other.connect();
+  t.truthy(server.get('good-id'), 'the same ID from another address is served');
+});
+
+test('maxDevices: a flood of new IDs cannot grow the server without bound', async (t) => {
+  const { server, logs } = await start(t, { maxDevices: 3, maxStrikes: 0 });
+  const devs = ['d1', 'd2', 'd3'].map((id) => client(t, server.port, id));
+  await Promise.all(devs.map((d) => d.connect()));
+  const fourth = await rawAttempt(server.port, 'd4\n');
+  t.true(fourth.closed);
+  t.is(server.get('d4'), undefined);
+  t.is(server.limits.maxDevices, 1);
+  t.true(logs.some((r) => r.msg === 'new client ID refused: maxDevices reached'));
+  // A known ID still reconnects.
+  devs[0].disconnect();
+  await eventually(() => devs[0].connects >= 2, 5000, 'd1 back');
+  t.is(server.connections().length, 3);
+});
