@@ -387,3 +387,205 @@ test('auth: the unmodified client authenticates with "id@secret" as its client I
   t.is(srv.handshakes.duplicateId, 0);
   t.is(conn.remote, remote);
 });
+
+// ---- Several gateways (issue 9): a list of servers, failover after N failed attempts
+
+/**
+ * A device whose Client gets `servers` (Python source for the server argument)
+ * instead of one port. device() makes the driver's helpers and a Client it never
+ * starts; `c` is replaced before start(). `cls` may be 'Counting' (below).
+ */
+async function deviceOn(t: ExecutionContext, id: string, servers: string, extra = '', cls = 'Client'): Promise<MicroPython> {
+  const mp = await device(t, id, 0);
+  await mp.run(`
+tries = []  # self.server at each refused connect (Counting only)
+quick = False  # Counting: retry after 20 ms instead of the default backoff
+class Counting(Client):
+    async def bad_server(self):
+        tries.append(self.server)
+        if quick:
+            await asyncio.sleep_ms(20)
+        else:
+            await Client.bad_server(self)
+async def _paced(first, n, ms):
+    global sent
+    for i in range(first, first + n):
+        await c.write(str(i))
+        sent += 1
+        await asyncio.sleep_ms(ms)
+def paced(first, n, ms):
+    asyncio.create_task(_paced(first, n, ms))
+c = ${cls}(${JSON.stringify(id)}, ${servers}, timeout=${T}${extra})
+`);
+  return mp;
+}
+
+/** A port on 127.0.0.1 with nothing listening: connects to it are refused. */
+async function deadPort(): Promise<number> {
+  const s = await Server.listen({ host: '127.0.0.1', port: 0, logger: silentLogger });
+  const port = s.port;
+  await s.close();
+  return port;
+}
+
+/** Every line `conn` receives, as numbers, read in the background until it closes. */
+function collect(conn: Connection): number[] {
+  const out: number[] = [];
+  void (async () => {
+    for (;;) out.push(Number(await conn.readline()));
+  })().catch(() => {});
+  return out;
+}
+
+const dupesIn = (xs: number[]) => xs.filter((x, i) => xs.indexOf(x) !== i);
+
+test('several gateways: when its server goes for good the client fails over to the next in its list; no qos message is lost', async (t) => {
+  const a = await Server.listen({ host: '127.0.0.1', port: 0, timeout: T, logger: silentLogger });
+  t.teardown(() => a.close());
+  const b = await server(t);
+  // A plain host (uses port=) and a (host, port) pair.
+  const mp = await deviceOn(t, 'mp-fo-1', `['127.0.0.1', ('127.0.0.1', ${b.port})]`, `, port=${a.port}, verbose=True`);
+  await mp.call('start');
+  t.deepEqual(await mp.eval('c.server'), ['127.0.0.1', a.port]);
+  const connA = await a.clientConn('mp-fo-1');
+  const atA = collect(connA);
+  await mp.call('read', 5);
+  for (let i = 100; i < 105; i++) await connA.write(String(i));
+  await until('the device got 5 from A', async () => (await state(mp)).got.length === 5);
+
+  // Numbered qos messages, one every 50 ms, across A's end and the failover.
+  const N = 60;
+  await mp.call('paced', 0, N, 50);
+  await until('A got 10', () => atA.length >= 10);
+  const portA = a.port;
+  await a.close();
+  const closedAt = Date.now();
+  // Every message after the one in flight now is written after A's close.
+  const firstAfter = (await state(mp)).sent + 1;
+
+  const connB = await b.clientConn('mp-fo-1');
+  const failoverMs = Date.now() - closedAt;
+  const atB = collect(connB);
+  t.deepEqual(await mp.eval('c.server'), ['127.0.0.1', b.port]);
+  await mp.waitForLine(`('127.0.0.1', ${portA}) failed 3 times in a row: moving to ('127.0.0.1', ${b.port})`, 5000);
+
+  await until('every message written after A closed is at B', () => range(firstAfter, N - firstAfter).every((i) => atB.includes(i)), 60_000);
+  await until('all ACKed', async () => (await state(mp)).sent === N);
+  for (let i = firstAfter; i < N; i++) t.true(atB.includes(i), `message ${i} (written after A closed) reached B`);
+  for (let i = 0; i < N; i++) t.true(atA.includes(i) || atB.includes(i), `message ${i} reached A or B`);
+  // Within one server the duplicate filter holds; across servers a message whose ACK
+  // A never sent is sent again to B (qos is at-least-once per gateway).
+  t.deepEqual(dupesIn(atA), [], 'no duplicate at A');
+  t.deepEqual(dupesIn(atB), [], 'no duplicate at B');
+  const both = atB.filter((i) => atA.includes(i));
+  t.log(
+    `failover to B ${failoverMs} ms after A closed; A got ${atA.length}, B got ${atB.length} (from ${atB[0]}), ` +
+      `first written after the close ${firstAfter}; at both A and B: ${both.length ? both.join(', ') : 'none'}; ` +
+      `B dropped ${connB.counters.duplicatesDropped} retransmits`,
+  );
+
+  // And B reaches the device.
+  await mp.call('read', 5);
+  for (let i = 200; i < 205; i++) await connB.write(String(i));
+  await until('the device got 5 from B', async () => (await state(mp)).got.length === 10);
+  t.deepEqual((await state(mp)).got, [...range(100, 5), ...range(200, 5)]);
+});
+
+test('failover: with [dead port, live server] the client is on the live one after `failover` refused connects', async (t) => {
+  const dead = await deadPort();
+  const live = await server(t);
+  const mp = await deviceOn(t, 'mp-fo-2', `[('127.0.0.1', ${dead}), '127.0.0.1']`, `, port=${live.port}, failover=2`, 'Counting');
+  t.deepEqual(await mp.eval('c.server'), ['127.0.0.1', dead], 'starts with the first');
+  await mp.call('start');
+  t.deepEqual(await mp.eval('c.server'), ['127.0.0.1', live.port]);
+  const tries = (await mp.eval('tries')) as unknown[];
+  t.true(tries.length >= 2, `${tries.length} failed attempts before moving on`);
+  t.deepEqual(tries, [
+    ['127.0.0.1', dead],
+    ['127.0.0.1', dead],
+  ]);
+  const conn = await live.clientConn('mp-fo-2');
+  await mp.call('send', 0, 3);
+  t.deepEqual(await readN(conn, 3), range(0, 3));
+});
+
+test('failover wraps round the list; a gateway that accepts but never brings the link up counts as a failed attempt', async (t) => {
+  const dead = await deadPort();
+  // A gateway that turns this board away after its ID line (no secret configured for it).
+  const gate = await server(t, { auth: { devices: { someone: hashSecret('not-this-board') }, maxFailures: 1000 }, maxStrikes: 0 });
+  const mp = await deviceOn(t, 'mp-fo-3', `[('127.0.0.1', ${dead}), ('127.0.0.1', ${gate.port})]`, ', failover=2, verbose=True', 'Counting');
+  await mp.run('quick = True\nasyncio.create_task(start())');
+  await until('two turns at the gateway', () => gate.handshakes.authFailed >= 2);
+  // The first server comes (back) up: the client gets there on its next round.
+  const live = await server(t, { port: dead });
+  const conn = await live.clientConn('mp-fo-3');
+  t.true(conn.isUp);
+  t.deepEqual(await mp.eval('c.server'), ['127.0.0.1', dead]);
+  const tries = (await mp.eval('tries')) as unknown[];
+  t.true(tries.length >= 2);
+  t.true(
+    tries.every((a) => JSON.stringify(a) === JSON.stringify(['127.0.0.1', dead])),
+    'refused connects only on the dead port',
+  );
+  const turns = gate.handshakes.authFailed;
+  t.true(turns >= 2 && turns % 2 === 0, `the gateway saw ${turns} attempts: whole turns of failover=2`);
+  const moves = mp.stdout.filter((l) => l.includes('times in a row: moving to'));
+  t.true(moves.length >= 2);
+  t.true(moves[0].includes(`('127.0.0.1', ${dead}) failed 2 times in a row: moving to ('127.0.0.1', ${gate.port})`), moves[0]);
+  t.true(moves[1].includes(`('127.0.0.1', ${gate.port}) failed 2 times in a row: moving to ('127.0.0.1', ${dead})`), moves[1]);
+  t.log(`refused connects ${tries.length}, turned away by the gateway ${turns}, moves ${moves.length}`);
+});
+
+test('Client.from_config takes a list of servers (hosts and [host, port] pairs) and failover from the file', async (t) => {
+  const dead = await deadPort();
+  const srv = await server(t);
+  const mp = await startMicroPython({
+    files: {
+      '/local.json': JSON.stringify({ id: 'cfg-list', server: [['127.0.0.1', dead], '127.0.0.1'], port: srv.port, timeout: T, failover: 1 }),
+    },
+  });
+  t.teardown(() => mp.close());
+  await mp.run(`
+import os
+from tether_client import Client
+os.chdir('/')
+tries = []
+class Counting(Client):
+    async def bad_server(self):
+        tries.append(self.server)
+        await Client.bad_server(self)
+c = Counting.from_config('local.json')
+first = c.server
+await c
+`);
+  t.deepEqual(await mp.eval('first'), ['127.0.0.1', dead]);
+  t.deepEqual(await mp.eval('c.server'), ['127.0.0.1', srv.port]);
+  t.deepEqual(await mp.eval('tries'), [['127.0.0.1', dead]], 'failover: 1 from the file');
+  t.truthy(await srv.clientConn('cfg-list'));
+});
+
+test('server argument: a single host keeps working as before; bad lists are refused at once with ValueError', async (t) => {
+  const mp = await startMicroPython();
+  t.teardown(() => mp.close());
+  await mp.run(`
+from tether_client import Client
+one = Client('x', '10.0.0.2', 8124).server
+pairs = Client('x', ['10.0.0.2', ['10.0.0.3', 8125], ('10.0.0.4', 8126)], 8124)
+errs = []
+for bad in (None, '', [], [123], [('10.0.0.3',)], [('10.0.0.3', '8124')], ['10.0.0.2', None]):
+    try:
+        Client('x', bad)
+        errs.append(None)
+    except ValueError as e:
+        errs.append(str(e))
+`);
+  t.deepEqual(await mp.eval('one'), ['10.0.0.2', 8124]);
+  t.deepEqual(await mp.eval('[pairs._addr(i) for i in range(3)]'), [
+    ['10.0.0.2', 8124],
+    ['10.0.0.3', 8125],
+    ['10.0.0.4', 8126],
+  ]);
+  const errs = (await mp.eval('errs')) as Array<string | null>;
+  t.is(errs.length, 7);
+  for (const e of errs) t.truthy(e, 'refused with ValueError');
+});

@@ -7,6 +7,9 @@
 #   await c                     # waits until the link is up
 #   await c.write('hello')      # qos: resolves once the server ACKed it
 #   line = await c.readline()   # 'text\n'
+#
+# Several gateways: Client('board-1', ['192.168.0.10', ('192.168.0.11', 8124)])
+# moves on to the next address after `failover` failed attempts in a row.
 
 import asyncio
 import errno
@@ -64,12 +67,22 @@ def _only_zero(ring):
 class Client:
     def __init__(self, my_id, server, port=8123, ssid='', pw='', timeout=2000,
                  conn_cb=None, conn_cb_args=None, verbose=False, led=None,
-                 wdog=False, rxq=20, max_line=1024):
+                 wdog=False, rxq=20, max_line=1024, failover=3):
         if not my_id or '\n' in my_id:
             raise ValueError('my_id must be a non-empty string without a newline')
+        if not server:
+            raise ValueError('no server address')
         self._id = my_id.encode() + b'\n'
-        self._server = server
+        # `server` is kept as given (a host, or a list of hosts and (host, port)
+        # pairs); an address is worked out only when it is dialled.
+        self._srv = server
         self._port = port
+        self._si = 0  # index of the server in use
+        self._fails = 0  # failed attempts in a row on that server
+        self._fo = failover
+        if not isinstance(server, str):
+            for i in range(len(server)):
+                self._addr(i)  # a bad entry fails here, not at the first failover
         self._ssid = ssid
         self._pw = pw
         self._to = timeout
@@ -111,13 +124,15 @@ class Client:
 
     @classmethod
     def from_config(cls, path='local.json', **kw):
-        # Settings from a JSON file: id, server, port, ssid, pw, timeout;
-        # keyword arguments override them.
+        # Settings from a JSON file: id, server, port, ssid, pw, timeout,
+        # failover; keyword arguments override them. "server" may be a list, as
+        # in the constructor (pairs are JSON lists: ["10.0.0.3", 8124]).
         import json
         with open(path) as f:
             cfg = json.load(f)
         args = {'port': cfg.get('port', 8123), 'ssid': cfg.get('ssid', ''),
-                'pw': cfg.get('pw', ''), 'timeout': cfg.get('timeout', 2000)}
+                'pw': cfg.get('pw', ''), 'timeout': cfg.get('timeout', 2000),
+                'failover': cfg.get('failover', 3)}
         args.update(kw)
         my_id = args.pop('my_id', None) or cfg.get('id') or cfg.get('my_id')
         server = args.pop('server', None) or cfg.get('server')
@@ -137,6 +152,10 @@ class Client:
 
     def status(self):
         return self._up
+
+    @property
+    def server(self):  # (host, port) of the server in use or being tried
+        return self._addr(self._si)
 
     async def readline(self):
         while not self._q:
@@ -211,6 +230,28 @@ class Client:
         if self._wdt:
             self._wdt.feed()
 
+    def _addr(self, i):
+        # Entry i of the server list as (host, port); a plain host uses `port`.
+        a = self._srv
+        if not isinstance(a, str):
+            a = a[i]
+        if isinstance(a, str):
+            return a, self._port
+        if isinstance(a, (tuple, list)) and len(a) == 2 and isinstance(a[0], str) and isinstance(a[1], int):
+            return a[0], a[1]
+        raise ValueError('server: a host, or a list of hosts and (host, port) pairs')
+
+    def _failed(self):
+        # One more attempt on the current server came to nothing. After `failover`
+        # of them in a row, the next server in the list gets its turn (wrapping).
+        self._fails += 1
+        n = 1 if isinstance(self._srv, str) else len(self._srv)
+        if n > 1 and self._fails >= self._fo:
+            self._log('server', self.server, 'failed', self._fails, 'times in a row: moving to',
+                      self._addr((self._si + 1) % n))
+            self._fails = 0
+            self._si = (self._si + 1) % n
+
     async def _run(self):
         while not self._closed:
             await self._wifi()
@@ -219,15 +260,23 @@ class Client:
             except OSError as e:
                 self._log('connect failed', e)
                 if not self._closed:
-                    await self.bad_server()
+                    await self.bad_server()  # self.server is still the one that failed
+                    self._failed()
                 continue
             self._sock = s
             self._bad = False
             was_up = await self._link(s)
             self._drop()
-            if was_up and not self._closed:
-                self._backoff = 500
-                await asyncio.sleep_ms(2 * self._to)  # as the original: let the server see the outage
+            if self._closed:
+                break
+            if not was_up:
+                self._failed()  # connected, but the link never came up
+                continue
+            # The link was up: the first retry goes to the same server, as the
+            # outage may have been WiFi rather than the gateway.
+            self._fails = 0
+            self._backoff = 500
+            await asyncio.sleep_ms(2 * self._to)  # as the original: let the server see the outage
 
     async def _wifi(self):
         sta = self._sta
@@ -246,7 +295,8 @@ class Client:
                 await self.bad_wifi()
 
     async def _dial(self):
-        addr = socket.getaddrinfo(self._server, self._port)[0][-1]
+        host, port = self.server
+        addr = socket.getaddrinfo(host, port)[0][-1]
         s = socket.socket()
         s.setblocking(False)
         try:
