@@ -19,6 +19,7 @@ import { PtyPair } from './ptypair';
 import { spawnSync } from 'node:child_process';
 import { sleep } from './util';
 import { ChaosProxy, FAULT_KINDS, FaultKind } from './chaos';
+import { MqttBridge } from './bridge';
 
 const USAGE = `usage: tether <command> [options]
 
@@ -292,9 +293,18 @@ async function serve(o: Opts, withFleet: boolean): Promise<void> {
     void mesh.open(); // logs and retries until the port is there
   }
   const fleet = new Fleet(server, cfg.types);
+  let bridge: MqttBridge | null = null;
+  if (cfg.mqtt) {
+    bridge = new MqttBridge(server, { ...cfg.mqtt, logger: log });
+    if (apps.length > 0) {
+      log.warn('with "mqtt" on, every device line goes to the broker: local apps can write to devices but will not read their lines', {
+        hint: 'run apps against the broker (examples/broker-app.ts), or remove "mqtt"',
+      });
+    }
+  }
   let api: HttpApi | null = null;
   if (cfg.http) {
-    api = new HttpApi({ server, fleet, ...cfg.http, logger: log });
+    api = new HttpApi({ server, fleet, ...cfg.http, bridge, logger: log });
     try {
       await api.listen();
     } catch (e) {
@@ -306,6 +316,8 @@ async function serve(o: Opts, withFleet: boolean): Promise<void> {
   }
   const runner = new AppRunner(server, log, fleet);
   for (const app of apps) runner.add(app);
+  // Devices are served meanwhile: their lines wait (un-ACKed) until the broker is there.
+  bridge?.start().catch((e) => log.error('MQTT bridge failed to start', { error: (e as Error).message }));
 
   let sims: SimFleet | null = null;
   let cutter: NodeJS.Timeout | undefined;
@@ -341,6 +353,7 @@ async function serve(o: Opts, withFleet: boolean): Promise<void> {
   clearInterval(cutter);
   const table = summary(server); // before shutdown, which would show as outages
   await api?.close();
+  await bridge?.close();
   await sims?.close();
   await demoMesh?.close();
   const appsDone = runner.close();

@@ -19,6 +19,14 @@ export interface ClientOptions extends EndpointOptions {
   host?: string;
   /** Server port. Default 8123. */
   port?: number;
+  /**
+   * Several gateways to use in turn instead of host/port: `"host:port"` strings or
+   * `{ host, port }`. The client stays with one until `failover` attempts in a row
+   * fail there, then moves to the next (wrapping around). Default: [host:port].
+   */
+  servers?: Array<string | { host: string; port?: number }>;
+  /** Failed attempts in a row (refused, unreachable, closed before the link came up) before moving to the next server. Default 3. */
+  failover?: number;
   /** The device's secret when the server checks them (sent as `id@secret` in the ID line). Default: none. */
   secret?: string;
   /**
@@ -44,8 +52,11 @@ export interface ClientOptions extends EndpointOptions {
 
 export class Client extends Endpoint {
   readonly id: string;
-  readonly host: string;
-  readonly port: number;
+  /** The servers to try, in order. */
+  readonly servers: ReadonlyArray<{ host: string; port: number }>;
+  private current = 0;
+  private failedHere = 0;
+  private readonly failover: number;
   private readonly reconnectDelay: number;
   private readonly retryMin: number;
   private readonly retryMax: number;
@@ -72,14 +83,36 @@ export class Client extends Endpoint {
     this.idLine =
       opts.secret === undefined ? opts.id : typeAt < 0 ? `${opts.id}@${opts.secret}` : `${opts.id.slice(0, typeAt)}@${opts.secret}${opts.id.slice(typeAt)}`;
     this.tlsOpts = opts.tls === true ? {} : opts.tls || null;
-    this.host = opts.host ?? '127.0.0.1';
-    this.port = opts.port ?? 8123;
+    const defaultPort = opts.port ?? 8123;
+    const list = opts.servers && opts.servers.length > 0 ? opts.servers : [{ host: opts.host ?? '127.0.0.1', port: defaultPort }];
+    this.servers = list.map((s) => parseServer(s, defaultPort));
+    this.failover = opts.failover ?? 3;
+    if (!Number.isInteger(this.failover) || this.failover < 1) throw new TetherError('ERR_BAD_CONFIG', `failover must be a whole number >= 1, got ${opts.failover}`);
     this.reconnectDelay = opts.reconnectDelay ?? 2 * this.timeout;
     this.retryMin = opts.retryMin ?? 500;
     this.retryMax = opts.retryMax ?? 30000;
     this.retry = opts.retry ?? true;
     this.dialLink = opts.dial ?? (async () => new TcpLink(await this.dialTcp()));
     this.firstFailure.promise.catch(() => {});
+  }
+
+  /** Address of the server in use now (or tried next). */
+  get host(): string {
+    return this.servers[this.current].host;
+  }
+
+  get port(): number {
+    return this.servers[this.current].port;
+  }
+
+  /** Counts a failed attempt; after `failover` in a row, moves on to the next server. */
+  private failedAttempt(): void {
+    this.failedAttempts++;
+    if (++this.failedHere < this.failover || this.servers.length < 2) return;
+    const from = `${this.host}:${this.port}`;
+    this.current = (this.current + 1) % this.servers.length;
+    this.failedHere = 0;
+    this.log.warn('moving to the next server', { from, to: `${this.host}:${this.port}`, failedAttempts: this.failover });
   }
 
   /** Times the link came up (the original's `connects`). */
@@ -144,7 +177,6 @@ export class Client extends Endpoint {
       try {
         link = await this.dialLink();
       } catch (e) {
-        this.failedAttempts++;
         const msg = (e as Error).message;
         this.log.warn('connect failed', { server: `${this.host}:${this.port}`, error: msg, retryIn: backoff });
         if (!this.retry && this.connects === 0) {
@@ -154,6 +186,7 @@ export class Client extends Endpoint {
           this.close();
           return;
         }
+        this.failedAttempt();
         await sleep(backoff, signal);
         backoff = Math.min(backoff * 2, this.retryMax);
         continue;
@@ -170,12 +203,28 @@ export class Client extends Endpoint {
       if (signal.aborted) return;
       if (wasUp) {
         backoff = this.retryMin;
+        this.failedHere = 0;
         await sleep(this.reconnectDelay, signal);
       } else {
-        this.failedAttempts++;
+        this.failedAttempt();
         await sleep(backoff, signal);
         backoff = Math.min(backoff * 2, this.retryMax);
       }
     }
   }
+}
+
+/** `"host:port"`, `"host"` or `{ host, port }` as { host, port }. */
+function parseServer(s: string | { host: string; port?: number }, defaultPort: number): { host: string; port: number } {
+  if (typeof s === 'object' && s && typeof s.host === 'string' && s.host) {
+    const port = s.port ?? defaultPort;
+    if (Number.isInteger(port) && port > 0 && port < 65536) return { host: s.host, port };
+  } else if (typeof s === 'string' && s) {
+    const m = /^(\[[^\]]+\]|[^:]+)(?::(\d+))?$/.exec(s);
+    if (m) {
+      const port = m[2] ? Number(m[2]) : defaultPort;
+      if (port > 0 && port < 65536) return { host: m[1].replace(/^\[|\]$/g, ''), port };
+    }
+  }
+  throw new TetherError('ERR_BAD_CONFIG', `servers: ${JSON.stringify(s)} is not "host:port" or { "host": "…", "port": 8123 }`);
 }

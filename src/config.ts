@@ -8,6 +8,7 @@ import * as path from 'node:path';
 import { TetherError } from './errors';
 import type { Level } from './log';
 import { AuthOptions, hashProblem } from './auth';
+import type { BridgeOptions } from './bridge';
 import type { DuplicateIdPolicy } from './server';
 import type { TlsOptions } from './transports/tcp';
 import type { MeshOptions } from './transports/uart';
@@ -49,6 +50,8 @@ export interface TetherConfig {
   tls: TlsOptions | null;
   /** Device authentication; null = off (any ID may connect). */
   auth: AuthOptions | null;
+  /** MQTT bridge to a broker (docs/scale-out.md); null = off. TLS paths relative to the config file. */
+  mqtt: Omit<BridgeOptions, 'logger'> | null;
   /** Device IDs the apps expect (used by `waitAll` and by the simulator). */
   clients: string[];
   allow: string[] | null;
@@ -102,6 +105,7 @@ export const CONFIG_DEFAULTS: Omit<TetherConfig, 'baseDir' | 'idTimeout'> & { id
   blockFor: 60_000,
   tls: null,
   auth: null,
+  mqtt: null,
   clients: [],
   allow: null,
   duplicateId: 'ignore-new',
@@ -174,6 +178,18 @@ const AUTH_CHECKS: Record<string, Check> = {
   blockFor: int(0, 86_400_000),
 };
 
+const MQTT_CHECKS: Record<string, Check> = {
+  url: (v) => (typeof v === 'string' && /^(mqtts?|wss?|tcp|ssl):\/\/./.test(v) ? null : 'a broker URL like "mqtt://127.0.0.1:1883" or "mqtts://broker:8883"'),
+  username: str,
+  password: str,
+  tls: (v) => section({ ca: file, cert: file, key: file }, '{ "ca": "ca.crt" }')(v),
+  prefix: (v) => (typeof v === 'string' && v.length > 0 && !/[#+]/.test(v) && !v.endsWith('/') ? null : 'a topic prefix without "#", "+" or a trailing "/", e.g. "tether" or "site-1/tether"'),
+  qos: (v) => (v === 1 || v === 2 ? null : '1 or 2'),
+  gateway: (v) => (typeof v === 'string' && v.length > 0 && !/[#+/]/.test(v) ? null : 'a gateway name without "/", "#" or "+"'),
+  maxQueue: int(1, 10_000_000),
+  telemetry: (v) => (typeof v === 'boolean' ? null : 'true or false'),
+};
+
 /** Checks an object section key by key against `checks`. */
 const section =
   (checks: Record<string, Check>, example: string, required: string[] = []): Check =>
@@ -218,6 +234,7 @@ const CHECKS: Record<string, Check> = {
   blockFor: int(0, 86_400_000),
   tls: section(TLS_CHECKS, '{ "key": "server.key", "cert": "server.crt", "ca": "ca.crt", "clientCerts": "off" }', ['key', 'cert']),
   auth: section(AUTH_CHECKS, '{ "devices": { "lamp-1": "sha256$…" }, "required": true }', ['devices']),
+  mqtt: section(MQTT_CHECKS, '{ "url": "mqtt://127.0.0.1:1883", "prefix": "tether", "qos": 1 }', ['url']),
   clients: ids,
   allow: (v) => (v === null ? null : ids(v)),
   duplicateId: oneOf('ignore-new', 'replace-old'),
@@ -285,6 +302,14 @@ function bad(where: string, msg: string): TetherError {
   return new TetherError('ERR_BAD_CONFIG', `${where}: ${msg}`);
 }
 
+/** The mqtt section with its TLS file paths made absolute (keys absent stay absent, so the result validates again). */
+function resolveMqtt(m: NonNullable<TetherConfig['mqtt']>, baseDir: string): NonNullable<TetherConfig['mqtt']> {
+  if (!m.tls) return m;
+  const tls: Record<string, string> = {};
+  for (const [k, v] of Object.entries(m.tls)) if (typeof v === 'string') tls[k] = path.resolve(baseDir, v);
+  return { ...m, tls };
+}
+
 function resolveHttp(h: HttpConfig, baseDir: string): HttpConfig {
   return h.tls ? { ...h, tls: { key: path.resolve(baseDir, h.tls.key), cert: path.resolve(baseDir, h.tls.cert) } } : h;
 }
@@ -311,6 +336,7 @@ export function resolveConfig(raw: unknown, where = 'config', baseDir = process.
     log: { ...CONFIG_DEFAULTS.log, ...(obj.log as object) },
     http: obj.http === null ? null : resolveHttp({ ...HTTP_CONFIG_DEFAULTS, ...(obj.http as object) }, baseDir),
     idTimeout: merged.idTimeout ?? merged.timeout,
+    mqtt: merged.mqtt && resolveMqtt(merged.mqtt, baseDir),
     tls: merged.tls && {
       ...merged.tls,
       key: path.resolve(baseDir, merged.tls.key),

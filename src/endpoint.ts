@@ -70,6 +70,9 @@ export interface WriteOptions {
   accepted?: boolean;
 }
 
+/** Takes a received line (with `\n`) and its message id; resolves when it is safe to ACK, or null to refuse it. */
+export type Consumer = (line: string, mid: number) => Promise<void> | null;
+
 export interface Counters {
   /** Times the link came up. */
   connects: number;
@@ -176,6 +179,10 @@ export abstract class Endpoint extends EventEmitter {
   private rxPaused = false;
   /** Reading resumed despite a full buffer so ACKs for our writes get through. */
   private shedding = false;
+  /** Takes new messages instead of readline(), see setConsumer(). */
+  private consumer: Consumer | null = null;
+  /** Messages handed to the consumer, in arrival order; each is ACKed once it and all before it are confirmed. */
+  private handing: Array<{ mid: number; payload: string; done: boolean }> = [];
   /** A bad line was already reported (as a `violation`) for the current link. */
   private linkViolated = false;
   private lastRx = 0;
@@ -575,7 +582,78 @@ export abstract class Endpoint extends EventEmitter {
     this.stateChanged();
   }
 
+  /**
+   * Hands every new message to `consumer` instead of queueing it for readline(),
+   * and ACKs it to the peer only once the consumer's promise resolves (an MQTT
+   * bridge resolves when the broker has the message): what the peer sees
+   * acknowledged is already safe elsewhere. A consumer that returns null refuses
+   * the message: no ACK, not recorded, so the peer sends it again later. While a
+   * message is being handed on, its retransmissions are neither ACKed nor handed
+   * on again. Confirmations are applied in arrival order. Persistence of received
+   * lines is then the consumer's business (they are not journaled). null turns
+   * it off.
+   */
+  setConsumer(consumer: Consumer | null): void {
+    this.consumer = consumer;
+  }
+
+  private onConsumed(mid: number, payload: string): void {
+    if (this.handing.some((h) => h.mid === mid)) {
+      this.counters.duplicatesDropped++; // still being handed on: its ACK follows
+      return;
+    }
+    if (this.filter.isRepeat(mid, payload)) {
+      this.filter.accept(mid, payload); // keeps the ring evolving as the peer's does
+      this.counters.duplicatesDropped++;
+      this.counters.acksOut++;
+      this.sendRaw(formatAck(mid));
+      return;
+    }
+    const line = payload + '\n';
+    let handed: Promise<void> | null;
+    try {
+      handed = this.consumer!(line, mid);
+    } catch (e) {
+      this.log.error('the consumer threw: message not ACKed (the peer resends it)', { error: (e as Error).stack ?? String(e) });
+      return;
+    }
+    if (handed === null) {
+      this.counters.shed++;
+      return;
+    }
+    const entry = { mid, payload, done: false };
+    this.handing.push(entry);
+    this.counters.messagesIn++;
+    try {
+      this.emit('line', line);
+    } catch (e) {
+      this.log.error('a "line" listener threw; the line is still delivered', { error: (e as Error).stack ?? String(e) });
+    }
+    handed.then(
+      () => {
+        entry.done = true;
+        // Record and ACK in arrival order, so the ring evolves exactly as the peer's.
+        while (this.handing.length > 0 && this.handing[0].done) {
+          const h = this.handing.shift()!;
+          this.filter.accept(h.mid, h.payload);
+          if (this.closed) continue;
+          this.counters.acksOut++;
+          this.sendRaw(formatAck(h.mid));
+        }
+      },
+      (err: Error) => {
+        const i = this.handing.indexOf(entry);
+        if (i >= 0) this.handing.splice(i, 1);
+        this.log.warn('message not handed on: not ACKed, the peer resends it', { mid, error: err?.message });
+      },
+    );
+  }
+
   private onMessage(mid: number, payload: string): void {
+    if (this.consumer) {
+      this.onConsumed(mid, payload);
+      return;
+    }
     if (this.shedding && this.rx.length >= this.rxBuffer) {
       // No ACK and no ring entry: a qos sender will retransmit it later.
       this.counters.shed++;

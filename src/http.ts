@@ -21,6 +21,7 @@ import type { AddressInfo, Socket } from 'node:net';
 import * as path from 'node:path';
 import * as prom from 'prom-client';
 import { WebSocket, WebSocketServer } from 'ws';
+import type { MqttBridge } from './bridge';
 import type { Connection } from './connection';
 import { ENDPOINT_DEFAULTS } from './endpoint';
 import { TetherError } from './errors';
@@ -47,6 +48,8 @@ export interface HttpApiOptions {
   logger?: Logger;
   /** Folder with the dashboard (index.html, app.js, style.css). Default: `dashboard/` of this repository. */
   dashboardDir?: string;
+  /** The MQTT bridge, if any: its state goes into /metrics. */
+  bridge?: MqttBridge | null;
   /** Serve HTTPS (and WSS) with this PEM key and certificate (file paths). Default: plain HTTP. */
   tls?: { key: string; cert: string } | null;
   /** Most browsers connected to /ws at once. Default 64. */
@@ -335,6 +338,7 @@ export class HttpApi {
   private readonly maxLineLength: number;
   private readonly http: http.Server;
   private readonly secure: boolean;
+  private readonly bridge: MqttBridge | null;
   private readonly wss: WebSocketServer;
   private readonly browsers = new Set<Browser>();
   private readonly recent = new Map<string, { lines: RecentLine[]; chars: number }>();
@@ -370,6 +374,7 @@ export class HttpApi {
     }
     const handler = (req: http.IncomingMessage, res: http.ServerResponse) => void this.handle(req, res);
     this.secure = !!opts.tls;
+    this.bridge = opts.bridge ?? null;
     if (opts.tls) {
       const read = (what: string, file: string) => {
         try {
@@ -846,6 +851,31 @@ export class HttpApi {
         this.set(server.blockedAddresses);
       },
     });
+    const bridge = this.bridge;
+    if (bridge) {
+      new prom.Gauge({
+        name: 'tether_bridge_connected',
+        help: '1 while the MQTT bridge is connected to its broker',
+        registers,
+        collect() {
+          this.set(bridge.connected ? 1 : 0);
+        },
+      });
+      new prom.Gauge({
+        name: 'tether_bridge_queued',
+        help: 'Device lines handed to the broker and not yet acknowledged by it (their devices are not ACKed yet); bounded by mqtt.maxQueue',
+        registers,
+        collect() {
+          this.set(bridge.stats.queued);
+        },
+      });
+      counter('tether_bridge_messages_total', 'Lines through the bridge: up = published and acknowledged by the broker, down = delivered to a device (ACKed)', ['dir'], () => [
+        [{ dir: 'up' }, bridge.stats.published],
+        [{ dir: 'down' }, bridge.stats.downDelivered],
+      ]);
+      counter('tether_bridge_refused_total', 'Device lines refused without ACK because the bridge queue was full (the devices resend them)', [], () => [[{}, bridge.stats.refused]]);
+      counter('tether_bridge_broker_connects_total', 'Times the bridge connected to the broker', [], () => [[{}, bridge.stats.brokerConnects]]);
+    }
     counter('tether_handshakes_rejected_total', 'Links turned away before reaching a device, by reason (closedEarly: closed before its ID line)', ['reason'], () =>
       REJECTIONS.map((r) => [{ reason: r }, server.handshakes[r]]),
     );

@@ -26,3 +26,7 @@ export { MeshTransport, MeshCommandError } from './transports/uart';
 export type { MeshOptions, MeshNode, MeshStats } from './transports/uart';
 export { Telemetry, DataTypeTable } from './telemetry';
 export type { Sample, TelemetryValue, DataType } from './telemetry';
+export { MqttBridge, BRIDGE_DEFAULTS } from './bridge';
+export type { BridgeOptions, BridgeStats, DeviceStatus } from './bridge';
+export { BrokerFleet } from './broker-fleet';
+export type { BrokerFleetOptions } from './broker-fleet';

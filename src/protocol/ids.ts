@@ -53,6 +53,18 @@ export class DuplicateRing {
     return fresh;
   }
 
+  /** Records `mid` as seen (and clears the far byte) without the mid-0 restart rule. */
+  mark(mid: number): void {
+    const idx = mid >> 3;
+    this.bits[idx] |= 1 << (mid & 7);
+    this.bits[(idx + 16) & 0x1f] = 0;
+  }
+
+  /** Whether `mid`'s bit is set (seen recently), without recording anything. */
+  has(mid: number): boolean {
+    return (this.bits[mid >> 3] & (1 << (mid & 7))) !== 0;
+  }
+
   /** True if exactly `mid`'s bit and no other is set. */
   onlyHas(mid: number): boolean {
     const idx = mid >> 3;
@@ -85,6 +97,23 @@ export class ReceiveFilter {
   readonly ring = new DuplicateRing();
   /** Payload of the last mid-0 message taken as new. */
   lastMid0: string | null = null;
+
+  /**
+   * A message published again from the recent past (an MQTT bridge's replay
+   * after a broker restart): new only if its id is not in the ring. Mid 0 here
+   * is an old message, not a restart of the sender, so it clears nothing.
+   */
+  acceptReplay(mid: number, payload: string): boolean {
+    if (this.ring.has(mid) || (mid === 0 && this.lastMid0 === payload)) return false;
+    this.ring.mark(mid);
+    return true;
+  }
+
+  /** Whether accept() would call this message a repeat, without recording it. */
+  isRepeat(mid: number, payload: string): boolean {
+    if (mid === 0) return this.lastMid0 === payload && this.ring.onlyHas(0);
+    return this.ring.has(mid);
+  }
 
   /** Records a received message; true if it is new. */
   accept(mid: number, payload: string): boolean {
