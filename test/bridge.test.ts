@@ -4,8 +4,9 @@
  * onto the broker, an app talks to the devices through the broker alone.
  */
 import test, { ExecutionContext } from 'ava';
-import { BrokerFleet, Client, MqttBridge, Server, silentLogger } from '../src';
-import { Mosquitto, mosquittoPath } from './helpers/mosquitto';
+import { BrokerFleet, Client, Fleet, HttpApi, MqttBridge, Server, silentLogger } from '../src';
+import { resolveConfig } from '../src/config';
+import { freePort, Mosquitto, mosquittoPath, portOpen } from './helpers/mosquitto';
 import { eventually } from './helpers/wait';
 
 const TIMEOUT = 1000;
@@ -63,33 +64,10 @@ run('up and down through the broker: device lines reach the app once, app lines 
 
 import { ChildProcess, spawn } from 'node:child_process';
 import * as fs from 'node:fs';
-import * as net from 'node:net';
 import * as os from 'node:os';
 import * as path from 'node:path';
 
 const ROOT = path.join(__dirname, '..');
-
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = net.createServer();
-    s.once('error', reject);
-    s.listen(0, '127.0.0.1', () => {
-      const port = (s.address() as net.AddressInfo).port;
-      s.close(() => resolve(port));
-    });
-  });
-}
-
-function portOpen(port: number): Promise<boolean> {
-  return new Promise((resolve) => {
-    const s = net.connect({ port, host: '127.0.0.1' });
-    s.once('connect', () => {
-      s.destroy();
-      resolve(true);
-    });
-    s.once('error', () => resolve(false));
-  });
-}
 
 interface Proc {
   child: ChildProcess;
@@ -254,4 +232,24 @@ run('the broker restarts mid-traffic: nothing a device saw acknowledged is lost,
   t.is(r.missingAtApp, 0);
   t.is(r.dupAtApp, 0);
   t.is(r.missingEchoes, 0);
+});
+
+run('config and metrics: the mqtt section is checked with messages that say what to write; /metrics shows the bridge', async (t) => {
+  t.throws(() => resolveConfig({ mqtt: { url: 'localhost:1883' } }), { message: /"mqtt" must be an object whose "url" is a broker URL like "mqtt:\/\/127.0.0.1:1883"/ });
+  t.throws(() => resolveConfig({ mqtt: { url: 'mqtt://x', qos: 0 } }), { message: /"qos" is 1 or 2/ });
+  t.throws(() => resolveConfig({ mqtt: { url: 'mqtt://x', prefix: 'a/#' } }), { message: /topic prefix without "#"/ });
+  t.is(resolveConfig({ mqtt: { url: 'mqtt://x', tls: { ca: 'ca.crt' } } }, 'local.json', '/etc/t').mqtt?.tls?.ca, '/etc/t/ca.crt');
+
+  const m = await broker(t);
+  const gw = await gateway(t, m, 'gw-m');
+  const api = new HttpApi({ server: gw.server, fleet: new Fleet(gw.server), bridge: gw.bridge, host: '127.0.0.1', port: 0, logger: silentLogger });
+  await api.listen();
+  t.teardown(() => api.close());
+  const d = device(t, 'metered', [gw.server.port]);
+  await d.connect();
+  await d.write('one');
+  const text = await (await fetch(`http://127.0.0.1:${api.port}/metrics`)).text();
+  t.regex(text, /tether_bridge_connected 1/);
+  t.regex(text, /tether_bridge_messages_total\{dir="up"\} 1/);
+  t.regex(text, /tether_bridge_queued 0/);
 });

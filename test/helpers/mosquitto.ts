@@ -17,7 +17,8 @@ export function mosquittoPath(): string | null {
   return CANDIDATES.find((p) => fs.existsSync(p)) ?? null;
 }
 
-function freePort(): Promise<number> {
+/** A TCP port free on 127.0.0.1 right now. */
+export function freePort(): Promise<number> {
   return new Promise((resolve, reject) => {
     const s = net.createServer();
     s.once('error', reject);
@@ -28,7 +29,8 @@ function freePort(): Promise<number> {
   });
 }
 
-function portOpen(port: number): Promise<boolean> {
+/** Whether something accepts connections on 127.0.0.1:port. */
+export function portOpen(port: number): Promise<boolean> {
   return new Promise((resolve) => {
     const s = net.connect({ port, host: '127.0.0.1' });
     s.once('connect', () => {
