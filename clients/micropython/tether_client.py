@@ -270,7 +270,12 @@ class Client:
             if self._closed:
                 break
             if not was_up:
-                self._failed()  # connected, but the link never came up
+                # Connected, but the link never came up (the server refused the ID or
+                # its secret, or went away): back off as for a refused connect, so a
+                # refused board does not redial in a tight loop.
+                if not self._closed:
+                    await self.bad_server()
+                    self._failed()
                 continue
             # The link was up: the first retry goes to the same server, as the
             # outage may have been WiFi rather than the gateway.
