@@ -134,6 +134,8 @@ export class MqttBridge extends EventEmitter {
   private client: MqttClient | null = null;
   /** Devices whose link this gateway holds or last held, and what to undo when letting go. */
   private readonly owned = new Map<string, () => void>();
+  /** When this gateway last took each device's link (its "up" status time). */
+  private readonly upSince = new Map<string, number>();
   /** Last status seen on the broker per device (ours and other gateways'). */
   private readonly statuses = new Map<string, DeviceStatus>();
   /** Gateways known online (from their retained gateways/<gw> topic). */
@@ -315,6 +317,7 @@ export class MqttBridge extends EventEmitter {
       this.client?.subscribe(topic, { qos: this.qos });
       this.owned.set(id, () => this.client?.unsubscribe(topic));
     }
+    this.upSince.set(id, Date.now());
     this.publishStatus(conn, 'up');
   }
 
@@ -323,6 +326,7 @@ export class MqttBridge extends EventEmitter {
     const undo = this.owned.get(id);
     if (!undo) return;
     this.owned.delete(id);
+    this.upSince.delete(id);
     this.recentDown.delete(id);
     this.recentUp.delete(id);
     undo();
@@ -386,12 +390,14 @@ export class MqttBridge extends EventEmitter {
     this.statuses.set(id, s);
     if (s.gateway === this.gateway || !this.owned.has(id)) return;
     const conn = this.server.get(id);
-    if (conn?.isUp && s.state !== 'up') {
-      // We hold the link: a stale "down" (or an old owner's) must not stand.
+    // Another gateway's "up" that is older than our own link is stale (a retained
+    // status, or a late message): we hold the device, so ours must stand.
+    const stale = s.state !== 'up' || s.at < (this.upSince.get(id) ?? 0);
+    if (conn?.isUp && stale) {
       this.publishStatus(conn, 'up');
       return;
     }
-    if (s.state === 'up') {
+    if (s.state === 'up' && !stale) {
       // The device is at another gateway now: let go, so its down lines go there only.
       this.stats.handedOver++;
       this.log.info('device moved to another gateway: letting go of it here', { id, to: s.gateway });

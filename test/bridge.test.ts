@@ -64,6 +64,7 @@ run('up and down through the broker: device lines reach the app once, app lines 
 
 import { ChildProcess, spawn } from 'node:child_process';
 import * as fs from 'node:fs';
+import * as net from 'node:net';
 import * as os from 'node:os';
 import * as path from 'node:path';
 
@@ -252,4 +253,31 @@ run('config and metrics: the mqtt section is checked with messages that say what
   t.regex(text, /tether_bridge_connected 1/);
   t.regex(text, /tether_bridge_messages_total\{dir="up"\} 1/);
   t.regex(text, /tether_bridge_queued 0/);
+});
+
+run('ownership moves: when a device shows up at another gateway, the stale owner lets go and down lines go to the new one', async (t) => {
+  const m = await broker(t);
+  const fleet = await app(t, m);
+  const a = await gateway(t, m, 'gw-a');
+  const b = await gateway(t, m, 'gw-b');
+  // A half-open link at A: the device's old socket, still sending keepalives.
+  const old = net.connect({ port: a.server.port, host: '127.0.0.1' });
+  t.teardown(() => old.destroy());
+  old.on('error', () => {});
+  let oldClosed = false;
+  old.on('close', () => (oldClosed = true));
+  old.write('mover\n');
+  const ka = setInterval(() => old.write('\n'), 200);
+  t.teardown(() => clearInterval(ka));
+  await eventually(() => fleet.status('mover')?.gateway === 'gw-a' && fleet.status('mover')?.state === 'up', 5000, 'mover up at gw-a');
+
+  const d = device(t, 'mover', [b.server.port]);
+  await d.connect();
+  await eventually(() => a.bridge.stats.handedOver === 1, 5000, 'gw-a to let go');
+  await eventually(() => oldClosed, 5000, "gw-a to close its stale link");
+  await eventually(() => fleet.status('mover')?.gateway === 'gw-b' && fleet.status('mover')?.state === 'up', 5000, 'the retained status to name gw-b');
+  await fleet.send('mover', 'to the new gateway', { timeout: 10_000 });
+  t.is(await d.readline(), 'to the new gateway\n');
+  t.is(a.bridge.stats.downReceived, 0, 'gw-a no longer takes its down lines');
+  t.is(b.bridge.stats.downDelivered, 1);
 });
