@@ -632,21 +632,26 @@ export abstract class Endpoint extends EventEmitter {
     handed.then(
       () => {
         entry.done = true;
-        // Record and ACK in arrival order, so the ring evolves exactly as the peer's.
-        while (this.handing.length > 0 && this.handing[0].done) {
-          const h = this.handing.shift()!;
-          this.filter.accept(h.mid, h.payload);
-          if (this.closed) continue;
-          this.counters.acksOut++;
-          this.sendRaw(formatAck(h.mid));
-        }
+        this.ackHanded();
       },
       (err: Error) => {
         const i = this.handing.indexOf(entry);
         if (i >= 0) this.handing.splice(i, 1);
         this.log.warn('message not handed on: not ACKed, the peer resends it', { mid, error: err?.message });
+        this.ackHanded(); // later ones that were waiting behind it
       },
     );
+  }
+
+  /** Records and ACKs confirmed messages in arrival order, so the ring evolves exactly as the peer's. */
+  private ackHanded(): void {
+    while (this.handing.length > 0 && this.handing[0].done) {
+      const h = this.handing.shift()!;
+      this.filter.accept(h.mid, h.payload);
+      if (this.closed) continue;
+      this.counters.acksOut++;
+      this.sendRaw(formatAck(h.mid));
+    }
   }
 
   private onMessage(mid: number, payload: string): void {
