@@ -9,6 +9,7 @@ import { TetherError } from './errors';
 import type { Level } from './log';
 import { AuthOptions, hashProblem } from './auth';
 import type { BridgeOptions } from './bridge';
+import { SERVER_DEFAULTS } from './server';
 import type { DuplicateIdPolicy } from './server';
 import type { TlsOptions } from './transports/tcp';
 import type { MeshOptions } from './transports/uart';
@@ -96,13 +97,14 @@ export const CONFIG_DEFAULTS: Omit<TetherConfig, 'baseDir' | 'idTimeout'> & { id
   rxBuffer: 64,
   maxQueuedWrites: 64,
   window: 8,
-  maxConnections: 10_000,
-  maxConnectionsPerAddress: 256,
-  maxSendBuffer: 1024 * 1024,
-  maxDevices: 100_000,
-  maxStrikes: 10,
-  strikeWindow: 60_000,
-  blockFor: 60_000,
+  // The server's own defaults for its limits, so the two cannot drift apart.
+  maxConnections: SERVER_DEFAULTS.maxConnections,
+  maxConnectionsPerAddress: SERVER_DEFAULTS.maxConnectionsPerAddress,
+  maxSendBuffer: SERVER_DEFAULTS.maxSendBuffer,
+  maxDevices: SERVER_DEFAULTS.maxDevices,
+  maxStrikes: SERVER_DEFAULTS.maxStrikes,
+  strikeWindow: SERVER_DEFAULTS.strikeWindow,
+  blockFor: SERVER_DEFAULTS.blockFor,
   tls: null,
   auth: null,
   mqtt: null,
