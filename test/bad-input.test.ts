@@ -8,7 +8,7 @@ import test, { ExecutionContext } from 'ava';
 import { createHook } from 'node:async_hooks';
 import * as net from 'node:net';
 import { Client, Connection, createLogger, LogRecord, Server, ServerOptions, TetherError, TetherErrorCode } from '../src';
-import { eventually } from './helpers/wait';
+import { eventually, within } from './helpers/wait';
 import { prng } from './helpers/prng';
 
 const TIMEOUT = 600;
@@ -17,20 +17,6 @@ const HOST = '127.0.0.1';
 // ---- small helpers ------------------------------------------------------------------
 
 const until = (cond: () => boolean, what: string, limit = 5000, step = 10) => eventually(cond, limit, what, step);
-
-/** `p`, or a rejection after `limit` ms. */
-async function within<T>(p: Promise<T>, limit: number, what: string): Promise<T> {
-  let timer: NodeJS.Timeout | undefined;
-  const expiry = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`timed out after ${limit} ms waiting for ${what}`)), limit);
-  });
-  try {
-    return await Promise.race([p, expiry]);
-  } finally {
-    clearTimeout(timer);
-  }
-}
-
 
 /** A hand-driven device: a raw socket that sends exactly what the test says. */
 class RawPeer {

@@ -31,7 +31,7 @@ import {
 } from '../src/protocol/frames';
 import { DuplicateRing, MidGenerator } from '../src/protocol/ids';
 import { formatAck, formatMessage, LineSplitter, parseLine, parseMid } from '../src/protocol/lines';
-import { eventually } from './helpers/wait';
+import { eventually, within } from './helpers/wait';
 
 const SEED = 424242;
 const run = (n: number) => ({ seed: SEED, numRuns: n });
@@ -825,19 +825,6 @@ test('validate.wsMessage: any JSON message gives FILT/SEL or a 400, never anothe
 });
 
 // ---- 7. end to end: arbitrary bytes at a real line server --------------------------
-
-/** `p`, or a rejection after `limit` ms (a bound on a wait, never an assertion). */
-async function within<T>(p: Promise<T>, limit: number, what: string): Promise<T> {
-  let timer: NodeJS.Timeout | undefined;
-  const expiry = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`timed out after ${limit} ms waiting for ${what}`)), limit);
-  });
-  try {
-    return await Promise.race([p, expiry]);
-  } finally {
-    clearTimeout(timer);
-  }
-}
 
 function connectRaw(port: number): Promise<net.Socket> {
   return new Promise((resolve, reject) => {

@@ -23,3 +23,16 @@ export async function eventually(cond: () => boolean | Promise<boolean>, ms = 50
     await new Promise((r) => setTimeout(r, step));
   }
 }
+
+/** `p`, or a rejection after `limit` ms naming `what` (a bound on a wait, never an assertion). */
+export async function within<T>(p: Promise<T>, limit: number, what: string): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const expiry = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`timed out after ${limit} ms waiting for ${what}`)), limit);
+  });
+  try {
+    return await Promise.race([p, expiry]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
