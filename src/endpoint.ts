@@ -35,8 +35,24 @@ export interface EndpointOptions {
   timeout?: number;
   /** Longest line accepted or sent, in bytes without the `\n` (id included). Longer received lines are dropped and counted. Default 65536. */
   maxLineLength?: number;
-  /** Received lines buffered for the app; when full, reading from the link pauses until the app reads. Default 64. */
+  /** Received lines ACKed and kept for the app to read. When full, further messages wait un-ACKed (rxHold). Default 64. */
   rxBuffer?: number;
+  /**
+   * Messages held un-ACKed while rxBuffer is full, ACKed in arrival order as the
+   * app reads. It must cover the peer's in-flight window, so that a pipelining
+   * peer is paced by withheld ACKs instead of refusals. Beyond it, reading the
+   * link pauses while no write of ours awaits an ACK; otherwise further messages
+   * are refused without ACK (qos senders resend them). Default 32.
+   */
+  rxHold?: number;
+  /**
+   * Size of the received lines kept for the app, and separately of those held,
+   * counted in characters of text (bytes for ASCII). At least one line is always
+   * taken. Default 262144 (256 KiB).
+   */
+  rxBufferBytes?: number;
+  /** ms the receive buffer may stay full with no line read before the link is reported stalled ("nobody is reading"). Default: timeout. */
+  stallAfter?: number;
   /** Writes queued behind the one being sent; a further write() waits for room. Default 64. */
   maxQueuedWrites?: number;
   /** Unacknowledged qos messages in flight for writes with `wait: false`. Kept far below the ring's ~120. Default 8. */
@@ -48,9 +64,14 @@ export const ENDPOINT_DEFAULTS = {
   timeout: 2000,
   maxLineLength: 65536,
   rxBuffer: 64,
+  rxHold: 32,
+  rxBufferBytes: 256 * 1024,
   maxQueuedWrites: 64,
   window: 8,
 } as const;
+
+/** Stands for the payload of a message line over maxLineLength (a real payload never holds `\n`). */
+const OVERSIZE = '\n';
 
 /** A message id must not be reused while an older one may still be in the peer's ring. */
 const MAX_MID_SPAN = 100;
@@ -92,10 +113,12 @@ export interface Counters {
   bytesOut: number;
   /** Lines that were neither keepalive, ACK nor message (non-hex id, bad UTF-8…). */
   badLines: number;
-  /** Lines longer than maxLineLength, skipped. */
+  /** Lines longer than maxLineLength: skipped (a message among them is ACKed and reported as `oversize`). */
   longLines: number;
-  /** Messages refused without ACK while the app was not reading and our own writes needed ACKs (the sender retransmits qos ones). */
+  /** Messages refused without ACK because the receive buffer and the hold were full while our own writes awaited ACKs (qos senders resend them). */
   shed: number;
+  /** Times the link was reported stalled: receive buffer full and nothing read for stallAfter ms. */
+  stalls: number;
 }
 
 function zeroCounters(): Counters {
@@ -115,6 +138,7 @@ function zeroCounters(): Counters {
     badLines: 0,
     longLines: 0,
     shed: 0,
+    stalls: 0,
   };
 }
 
@@ -168,6 +192,9 @@ export abstract class Endpoint extends EventEmitter {
   protected readonly timeout: number;
   protected readonly maxLineLength: number;
   private readonly rxBuffer: number;
+  private readonly rxHold: number;
+  private readonly rxBufferBytes: number;
+  private readonly stallAfter: number;
   private readonly maxQueuedWrites: number;
   private readonly window: number;
 
@@ -176,9 +203,25 @@ export abstract class Endpoint extends EventEmitter {
   private settled = false;
   private gotData = false;
   private congested = false;
-  private rxPaused = false;
-  /** Reading resumed despite a full buffer so ACKs for our writes get through. */
-  private shedding = false;
+  /**
+   * Reading the link is paused because the buffer and the hold are full and no
+   * write of ours awaits an ACK; `parked` is the message line that did not fit
+   * and `backlog` the bytes after it, parsed when reading resumes.
+   */
+  private blocked = false;
+  private parked: Buffer | null = null;
+  private backlog: Buffer[] = [];
+  private unblocking = false;
+  /** Received messages not yet ACKed because the buffer is full, oldest first (at most rxHold). */
+  private readonly held: Array<{ mid: number; payload: string; bytes: number }> = [];
+  private heldBytes = 0;
+  private rxBytes = 0;
+  /** When the app last took a line, and since when the buffer has been full (0: not full). */
+  private lastTaken = 0;
+  private fullSince = 0;
+  private stalledNow = false;
+  /** Boot id the peer announced for the current link (tether's clients; see ReceiveFilter). */
+  protected peerBoot: string | undefined;
   /** Takes new messages instead of readline(), see setConsumer(). */
   private consumer: Consumer | null = null;
   /** Messages handed to the consumer, in arrival order; each is ACKed once it and all before it are confirmed. */
@@ -211,6 +254,9 @@ export abstract class Endpoint extends EventEmitter {
     this.timeout = checkInt('timeout', opts.timeout ?? ENDPOINT_DEFAULTS.timeout, 4);
     this.maxLineLength = checkInt('maxLineLength', opts.maxLineLength ?? ENDPOINT_DEFAULTS.maxLineLength, 3);
     this.rxBuffer = checkInt('rxBuffer', opts.rxBuffer ?? ENDPOINT_DEFAULTS.rxBuffer, 1);
+    this.rxHold = checkInt('rxHold', opts.rxHold ?? ENDPOINT_DEFAULTS.rxHold, 1, 255);
+    this.rxBufferBytes = checkInt('rxBufferBytes', opts.rxBufferBytes ?? ENDPOINT_DEFAULTS.rxBufferBytes, 1);
+    this.stallAfter = checkInt('stallAfter', opts.stallAfter ?? this.timeout, 1);
     this.maxQueuedWrites = checkInt('maxQueuedWrites', opts.maxQueuedWrites ?? ENDPOINT_DEFAULTS.maxQueuedWrites, 1);
     this.window = checkInt('window', opts.window ?? ENDPOINT_DEFAULTS.window, 1, MAX_MID_SPAN);
     this.log = opts.logger ?? silentLogger;
@@ -253,9 +299,24 @@ export abstract class Endpoint extends EventEmitter {
     return this.waiting.length;
   }
 
-  /** Received lines waiting to be read. */
+  /** Received lines (ACKed) waiting to be read. */
   get buffered(): number {
     return this.rx.length;
+  }
+
+  /** Bytes of the received lines waiting to be read. */
+  get bufferedBytes(): number {
+    return this.rxBytes;
+  }
+
+  /** Received messages held un-ACKed until the app reads (the buffer is full). */
+  get heldMessages(): number {
+    return this.held.length;
+  }
+
+  /** True while the receive buffer has been full with nothing read for stallAfter ms: nobody is reading. */
+  get stalled(): boolean {
+    return this.stalledNow;
   }
 
   /** Resolves when the link is up (at once if it is). */
@@ -340,16 +401,41 @@ export abstract class Endpoint extends EventEmitter {
     }
   }
 
-  /** The next received line, with its trailing `\n` (as the original). Waits out outages. */
-  readline(): Promise<string> {
+  /**
+   * The next received line, with its trailing `\n` (as the original). Waits out
+   * outages. `signal` abandons the wait (ERR_ABORTED); a line that arrives later
+   * stays for the next reader.
+   */
+  readline(signal?: AbortSignal): Promise<string> {
     const line = this.rx.shift();
     if (line !== undefined) {
+      this.rxBytes -= line.length - 1;
       this.journal?.taken();
-      this.maybeResumeReading();
+      this.tookLine();
       return Promise.resolve(line);
     }
     if (this.closed) return Promise.reject(closedError(this.describe()));
-    return new Promise((resolve, reject) => this.readers.push({ resolve, reject }));
+    if (signal?.aborted) return Promise.reject(abortedError(signal.reason));
+    return new Promise((resolve, reject) => {
+      const reader: Reader = { resolve, reject };
+      if (signal) {
+        const aborted = () => {
+          const i = this.readers.indexOf(reader);
+          if (i >= 0) this.readers.splice(i, 1);
+          reject(abortedError(signal.reason));
+        };
+        signal.addEventListener('abort', aborted, { once: true });
+        reader.resolve = (l) => {
+          signal.removeEventListener('abort', aborted);
+          resolve(l);
+        };
+        reader.reject = (e) => {
+          signal.removeEventListener('abort', aborted);
+          reject(e);
+        };
+      }
+      this.readers.push(reader);
+    });
   }
 
   /** `for await (const line of conn)`: every received line (with `\n`) until close. */
@@ -398,7 +484,10 @@ export abstract class Endpoint extends EventEmitter {
     this.filter.ring.restore(r.ring);
     this.filter.lastMid0 = r.lastMid0;
     this.nextKey = r.nextKey;
-    for (const line of r.inbound) this.rx.push(line + '\n');
+    for (const line of r.inbound) {
+      this.rx.push(line + '\n');
+      this.rxBytes += line.length;
+    }
     for (const o of r.outbound) {
       if (o.mid === undefined) {
         this.deliver(o.payload, true, o.wait, undefined, o.key).catch(() => {});
@@ -437,6 +526,7 @@ export abstract class Endpoint extends EventEmitter {
     this.linkId = nanoid(8);
     this.linkViolated = false;
     this.splitter = new LineSplitter(this.maxLineLength);
+    this.filter.newLink(this.peerBoot);
     this.settleDelay = settleDelay;
     this.lastRx = Date.now();
     link.setHandlers({
@@ -472,7 +562,12 @@ export abstract class Endpoint extends EventEmitter {
     if (this.settleTimer) clearTimeout(this.settleTimer);
     this.tick = this.settleTimer = null;
     const wasUp = this.up;
-    this.up = this.settled = this.gotData = this.congested = this.rxPaused = this.shedding = false;
+    this.up = this.settled = this.gotData = this.congested = this.blocked = false;
+    // Messages not ACKed yet belong to the peer: it sends them again on its next link.
+    this.parked = null;
+    this.backlog = [];
+    this.held.length = 0;
+    this.heldBytes = 0;
     if (wasUp) {
       if (!this.closed) this.counters.outages++;
       this.log.info('link down', { remote: link.remote, link: this.linkId, reason });
@@ -518,34 +613,49 @@ export abstract class Endpoint extends EventEmitter {
         this.afterSettle();
       }
     }
-    this.splitter.push(chunk, this.onLine, this.onLongLine);
+    if (this.blocked) this.backlog.push(chunk); // a read already under way when the link was paused
+    else this.feed(chunk);
   }
 
-  private readonly onLongLine = (): void => {
+  /** Splits `chunk` into lines; if a message does not fit, keeps the rest for when reading resumes. */
+  private feed(chunk: Buffer): void {
+    const stop = this.splitter.push(chunk, this.onLine, this.onLongLine);
+    if (stop >= 0 && stop < chunk.length) this.backlog.unshift(chunk.subarray(stop));
+  }
+
+  private readonly onLongLine = (head: Buffer): void => {
     this.counters.longLines++;
-    this.emit('violation', 'maxLineLength', this.link);
-    throttledWarn(this.log, 'dropped a line longer than maxLineLength', {
+    const mid = head.length === 2 ? parseMid(head) : -1;
+    throttledWarn(this.log, 'a line longer than maxLineLength was dropped', {
       limit: 'maxLineLength',
       remote: this.link?.remote,
       maxLineLength: this.maxLineLength,
-      hint: 'shorten what the device sends or raise maxLineLength',
+      mid: mid >= 0 ? mid : undefined,
+      hint:
+        mid >= 0
+          ? 'the message was ACKed so the sender goes on, and reported to the app as "oversize": shorten what the peer sends or raise maxLineLength'
+          : 'shorten what the peer sends or raise maxLineLength',
     });
+    // A message (it starts with a message id): ACK it in turn, so the peer's write
+    // completes and its later messages go out, and report it instead of delivering it.
+    if (mid >= 0 && this.link) this.onMessage(mid, OVERSIZE, 0);
   };
 
-  private readonly onLine = (line: Buffer): void => {
-    if (!this.link) return; // the link died while this chunk was being split
+  /** Takes one line from the peer; false stops the splitter (the line is parked). */
+  private readonly onLine = (line: Buffer): boolean => {
+    if (!this.link) return true; // the link died while this chunk was being split
     // Keepalives and ACKs, most of the traffic, are recognised without allocating.
     if (line.length === 0) {
       this.counters.keepalivesIn++;
       if (!this.up) this.markUp();
-      return;
+      return true;
     }
     if (line.length === 2) {
       const mid = parseMid(line);
       if (mid >= 0) {
         this.onAck(mid);
         if (!this.up && this.link) this.markUp();
-        return;
+        return true;
       }
     }
     const p = parseLine(line);
@@ -557,7 +667,13 @@ export abstract class Endpoint extends EventEmitter {
         this.onAck(p.mid);
         break;
       case 'message':
-        this.onMessage(p.mid, p.payload);
+        if (!this.onMessage(p.mid, p.payload, line.length)) {
+          this.parked = line;
+          this.blocked = true;
+          this.link.pause();
+          this.log.debug('receive buffer and hold full: reading paused until the app reads', { buffered: this.rx.length, held: this.held.length });
+          return false;
+        }
         break;
       case 'invalid':
         this.counters.badLines++;
@@ -570,6 +686,7 @@ export abstract class Endpoint extends EventEmitter {
     }
     // The client side counts the peer's first line as the link coming up.
     if (!this.up && this.link) this.markUp();
+    return true;
   };
 
   private onAck(mid: number): void {
@@ -654,24 +771,71 @@ export abstract class Endpoint extends EventEmitter {
     }
   }
 
-  private onMessage(mid: number, payload: string): void {
+  /**
+   * One received message. With room in the buffer (and nothing held before it)
+   * it is taken at once; otherwise it waits un-ACKed in the hold, in arrival
+   * order. False: the hold is full too and reading should pause (no write of
+   * ours awaits an ACK, so nothing needs the bytes behind it yet).
+   */
+  private onMessage(mid: number, payload: string, bytes: number): boolean {
     if (this.consumer) {
       this.onConsumed(mid, payload);
-      return;
+      return true;
     }
-    if (this.shedding && this.rx.length >= this.rxBuffer) {
-      // No ACK and no ring entry: a qos sender will retransmit it later.
-      this.counters.shed++;
-      return;
+    if (this.held.length === 0 && this.hasRoom(bytes)) {
+      this.take(mid, payload, bytes);
+      return true;
     }
+    for (const h of this.held) {
+      // Sent again while held (the peer's retransmission timer): its ACK follows when it is taken.
+      if (h.mid === mid && h.payload === payload) {
+        this.counters.duplicatesDropped++;
+        return true;
+      }
+    }
+    if (this.held.length < this.rxHold && (this.held.length === 0 || this.heldBytes + bytes <= this.rxBufferBytes)) {
+      this.held.push({ mid, payload, bytes });
+      this.heldBytes += bytes;
+      return true;
+    }
+    if (this.filter.isRepeat(mid, payload)) {
+      // A resend of a message taken long ago (our ACK was lost): ACK it even now, so the peer's slot frees.
+      this.counters.duplicatesDropped++;
+      this.counters.acksOut++;
+      this.sendRaw(formatAck(mid));
+      return true;
+    }
+    if (this.pending.size === 0) return false;
+    // Our own writes await ACKs that may sit behind this message: read on, refusing it.
+    this.counters.shed++;
+    throttledWarn(this.log, 'receive buffer full and the app is not reading: a message was refused without ACK (the peer resends it)', {
+      limit: 'rxBuffer',
+      remote: this.link?.remote,
+      buffered: this.rx.length,
+      held: this.held.length,
+      hint: 'read lines promptly (for await … of conn), or raise rxBuffer / rxHold',
+    });
+    return true;
+  }
+
+  private hasRoom(bytes: number): boolean {
+    return this.rx.length === 0 || (this.rx.length < this.rxBuffer && this.rxBytes + bytes <= this.rxBufferBytes);
+  }
+
+  /** Records, ACKs and hands on one message (or drops it as a repeat). */
+  private take(mid: number, payload: string, bytes: number): void {
     const fresh = this.filter.accept(mid, payload);
     // Recorded before the ACK goes out: nothing the peer sees as delivered is lost in a crash.
-    this.journal?.received(mid, payload);
+    if (payload !== OVERSIZE) this.journal?.received(mid, payload);
     this.counters.acksOut++;
     this.sendRaw(formatAck(mid));
     if (!fresh) {
       this.counters.duplicatesDropped++;
       this.log.debug('duplicate dropped', { mid });
+      return;
+    }
+    if (payload === OVERSIZE) {
+      this.emit('oversize', mid, this.maxLineLength);
       return;
     }
     this.counters.messagesIn++;
@@ -685,56 +849,80 @@ export abstract class Endpoint extends EventEmitter {
     const reader = this.readers.shift();
     if (reader) {
       this.journal?.taken();
+      this.lastTaken = Date.now();
       reader.resolve(line);
       return;
     }
     this.rx.push(line);
-    if (this.rx.length >= this.rxBuffer && !this.rxPaused && this.link) {
-      this.rxPaused = true;
-      this.link.pause();
-      this.log.debug('receive buffer full: reading paused', { buffered: this.rx.length });
+    this.rxBytes += bytes;
+  }
+
+  /** The app took a line: take held messages into the room it made, and read on if reading was paused. */
+  private tookLine(): void {
+    this.lastTaken = Date.now();
+    while (this.held.length > 0 && this.hasRoom(this.held[0].bytes)) {
+      const h = this.held.shift()!;
+      this.heldBytes -= h.bytes;
+      this.take(h.mid, h.payload, h.bytes);
+    }
+    if (this.stalledNow) this.setStalled(false);
+    if (this.blocked && this.held.length <= this.rxHold / 2) this.unblock();
+  }
+
+  /** Resumes reading a paused link: the parked line first, then the bytes behind it. */
+  private unblock(): void {
+    if (!this.blocked || this.unblocking) return;
+    this.unblocking = true;
+    try {
+      this.blocked = false;
+      this.lastRx = Date.now(); // silence while paused was ours, not the peer's
+      const parked = this.parked;
+      this.parked = null;
+      if (parked && !this.onLine(parked)) return;
+      while (!this.blocked && this.backlog.length > 0) this.feed(this.backlog.shift()!);
+      if (!this.blocked) this.link?.resume();
+    } finally {
+      this.unblocking = false;
     }
   }
 
-  private maybeResumeReading(): void {
-    if (!this.rxPaused || this.rx.length > this.rxBuffer / 2) return;
-    this.rxPaused = this.shedding = false;
-    this.lastRx = Date.now(); // silence while paused was ours, not the peer's
-    this.link?.resume();
-    this.log.debug('receive buffer drained: reading resumed', { buffered: this.rx.length });
+  private setStalled(on: boolean): void {
+    this.stalledNow = on;
+    if (on) {
+      this.counters.stalls++;
+      throttledWarn(this.log, 'stalled: nobody is reading this device\'s lines', {
+        limit: 'rxBuffer',
+        remote: this.link?.remote,
+        buffered: this.rx.length,
+        held: this.held.length,
+        idleMs: Date.now() - Math.max(this.lastTaken, this.fullSince),
+        hint: 'the app for this device is gone, failed or slow; its lines wait (un-ACKed beyond rxBuffer) until something reads them',
+      });
+    } else {
+      this.log.info('reading again: the device is no longer stalled', { buffered: this.rx.length });
+    }
+    this.emit('stalled', on);
   }
 
   private onTick(): void {
     const now = Date.now();
     // While reading is paused by our own backpressure, silence proves nothing.
-    if (!this.rxPaused || this.shedding) {
+    if (!this.blocked) {
       const limit = this.up ? this.timeout : 2 * this.timeout;
       if (now - this.lastRx > limit) {
         this.dropLink(`no data for ${now - this.lastRx} ms (timeout ${limit} ms)`);
         return;
       }
     }
+    const full = this.held.length > 0 || this.blocked || this.rx.length >= this.rxBuffer;
+    if (!full) this.fullSince = 0;
+    else if (this.fullSince === 0) this.fullSince = now;
+    else if (!this.stalledNow && this.readers.length === 0 && now - Math.max(this.fullSince, this.lastTaken) >= this.stallAfter) this.setStalled(true);
     if (!this.up) return;
     this.sendKeepalive();
     if (!this.settled || this.pending.size === 0) return;
     for (const p of this.pending.values()) {
       if (now - p.sentAt >= this.timeout) this.resend(p, now);
-    }
-    // Our writes wait for ACKs that sit behind lines the app is not reading:
-    // read on, refusing new messages until the app catches up.
-    if (this.rxPaused && !this.shedding && this.link) {
-      const oldest = this.pending.values().next().value as Pending;
-      if (now - oldest.firstSent >= this.timeout) {
-        this.shedding = true;
-        this.lastRx = now;
-        this.link.resume();
-        throttledWarn(this.log, 'receive buffer full and the app is not reading: new messages are refused (qos senders resend them) until it reads', {
-          limit: 'rxBuffer',
-          remote: this.link.remote,
-          buffered: this.rx.length,
-          hint: 'read lines promptly (for await … of conn) or raise rxBuffer',
-        });
-      }
     }
   }
 
@@ -821,6 +1009,8 @@ export abstract class Endpoint extends EventEmitter {
       if (key !== undefined) this.journal?.sent(key, mid);
     }
     this.sendRaw(wire);
+    // Its ACK must be read even if the app is not reading: refuse what does not fit instead of pausing.
+    if (qos && this.blocked) this.unblock();
     return sent;
   }
 }

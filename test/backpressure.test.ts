@@ -1,6 +1,7 @@
 /**
  * Backpressure both ways, bounded: an app that stops reading makes the server
- * stop reading the device's socket; a writer that outruns its device waits.
+ * withhold ACKs, then stop reading the device's socket; a writer that outruns
+ * its device waits.
  */
 import test from 'ava';
 import { once } from 'node:events';
@@ -50,8 +51,9 @@ test('an app that stops reading makes the server stop reading the socket; it res
   );
   t.true(sent < N, 'the device is held back by TCP flow control');
   t.true(conn.counters.bytesIn < (N * lineBytes) / 2, `server read ${conn.counters.bytesIn} of ${N * lineBytes} bytes`);
-  // Bounded: the buffer holds rxBuffer lines plus what one socket read delivered.
-  t.true(conn.buffered <= rxBuffer + Math.ceil(65536 / lineBytes) + 1, `buffered ${conn.buffered} lines`);
+  // Bounded exactly: rxBuffer lines taken, rxHold more held un-ACKed, the rest left in the socket.
+  t.is(conn.buffered, rxBuffer, `buffered ${conn.buffered} lines`);
+  t.true(conn.heldMessages <= 32, `held ${conn.heldMessages}`);
   t.true(conn.isUp, 'a paused link is not an outage');
   t.log(`stalled with ${conn.buffered} lines buffered, ${conn.counters.bytesIn} bytes read, device held ${N - sent} messages back`);
 
@@ -97,13 +99,37 @@ test('a writer that outruns a device that does not read waits instead of queuein
   t.is(resolved, N);
 });
 
-test('an app that awaits its own write while not reading does not deadlock (shedding)', async (t) => {
+test('a pipelining device is paced by withheld ACKs: an app that awaits its own write while not reading gets its ACK, nothing is refused', async (t) => {
+  const server = await Server.listen({ host: '127.0.0.1', port: 0, timeout: 2000, settleDelay: 0, rxBuffer: 8, logger: silentLogger });
+  t.teardown(() => server.close());
+  const client = new Client({ id: 'piper', port: server.port, timeout: 2000, window: 8 });
+  t.teardown(() => client.close());
+  await client.connect();
+  const conn = await server.clientConn('piper');
+
+  const N = 200;
+  const deviceWrites = Array.from({ length: N }, (_, i) => client.write(String(i), { wait: false }));
+  deviceWrites.forEach((w) => w.catch(() => {}));
+  await eventually(() => conn.buffered === 8 && conn.heldMessages === 8, 10_000, 'buffer full, the window held un-ACKed');
+  t.is(conn.buffered, 8, 'the buffer bound holds exactly');
+  // The app writes before reading: the device's ACK is read although 8 lines wait unread.
+  await conn.write('are you there?');
+  t.is(await client.readline(), 'are you there?\n');
+  t.is(conn.counters.shed, 0, 'nothing refused: the device was paced by ACKs it had not got yet');
+
+  for (let i = 0; i < N; i++) t.is(await conn.readline(), `${i}\n`);
+  await Promise.all(deviceWrites);
+  t.is(conn.counters.duplicatesDropped, 0);
+});
+
+test('an app that awaits its own write while not reading does not deadlock even past the hold (shedding)', async (t) => {
   const server = await Server.listen({
     host: '127.0.0.1',
     port: 0,
     timeout: TIMEOUT,
     settleDelay: 0,
     rxBuffer: 8,
+    rxHold: 2,
     logger: silentLogger,
   });
   t.teardown(() => server.close());
@@ -114,6 +140,7 @@ test('an app that awaits its own write while not reading does not deadlock (shed
 
   const N = 200;
   const deviceWrites = Array.from({ length: N }, (_, i) => client.write(String(i), { wait: false }));
+  deviceWrites.forEach((w) => w.catch(() => {}));
   await eventually(() => conn.buffered >= 8, 10_000, 'server buffer fills');
   // The app writes before reading; the device's ACK sits behind unread lines.
   await conn.write('are you there?');

@@ -88,15 +88,35 @@ export class DuplicateRing {
 
 /**
  * The receiver's decision for each message line: new (deliver) or repeat (ACK
- * and drop). The duplicate ring plus tether's mid-0 rule: a repeated mid 0 with
- * the same payload while nothing else has arrived since is the retransmission
- * of a first message whose ACK was lost, not another restart of the sender.
- * Deterministic, so replaying the same mids rebuilds the same state.
+ * and drop). The duplicate ring plus tether's mid-0 rule (docs/protocol.md
+ * section 6.2): mid 0 means "the sender restarted" and clears the ring, except
+ * when it is provably a retransmission of the first message whose ACK was lost:
+ *
+ *  - it arrives on the same link as the mid 0 taken before, with the same
+ *    payload (a reboot always opens a new link, so this is never a new boot); or
+ *  - the peer announced a boot id (tether's clients can, in the ID line) and it
+ *    is the same boot id as when the last mid 0 was taken, same payload.
+ *
+ * Anything else is a restart, exactly as in the original: a deep-sleep board
+ * that wakes (reboots), reconnects and sends the same reading with mid 0 has
+ * every reading delivered. Deterministic, so replaying the same mids and links
+ * rebuilds the same state.
  */
 export class ReceiveFilter {
   readonly ring = new DuplicateRing();
   /** Payload of the last mid-0 message taken as new. */
   lastMid0: string | null = null;
+  /** Which link (see newLink) the last mid 0 came on, and the peer's boot id then. */
+  private mid0Link = -1;
+  private mid0Boot: string | undefined;
+  private link = 0;
+  private boot: string | undefined;
+
+  /** A new link from the peer begins; `boot` is the boot id it announced, if any. */
+  newLink(boot?: string): void {
+    this.link++;
+    this.boot = boot;
+  }
 
   /**
    * A message published again from the recent past (an MQTT bridge's replay
@@ -109,17 +129,31 @@ export class ReceiveFilter {
     return true;
   }
 
+  /** Whether a mid 0 with this payload is the retransmission of the one taken before. */
+  private resentMid0(payload: string): boolean {
+    if (this.lastMid0 !== payload) return false;
+    if (this.mid0Link === this.link) return true;
+    return this.boot !== undefined && this.boot === this.mid0Boot;
+  }
+
   /** Whether accept() would call this message a repeat, without recording it. */
   isRepeat(mid: number, payload: string): boolean {
-    if (mid === 0) return this.lastMid0 === payload && this.ring.onlyHas(0);
+    if (mid === 0) return this.resentMid0(payload);
     return this.ring.has(mid);
   }
 
   /** Records a received message; true if it is new. */
   accept(mid: number, payload: string): boolean {
-    if (mid === 0 && this.lastMid0 === payload && this.ring.onlyHas(0)) return false;
+    if (mid === 0 && this.resentMid0(payload)) {
+      this.ring.mark(0);
+      return false;
+    }
     if (!this.ring.isNew(mid)) return false;
-    if (mid === 0) this.lastMid0 = payload;
+    if (mid === 0) {
+      this.lastMid0 = payload;
+      this.mid0Link = this.link;
+      this.mid0Boot = this.boot;
+    }
     return true;
   }
 }

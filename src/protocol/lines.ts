@@ -9,8 +9,13 @@ const NL = 0x0a;
 /**
  * Splits a byte stream into lines (without the `\n`), refusing to buffer more
  * than `maxLength` bytes of one line. A line that grows past the limit is reported
- * once through `onOverflow` as soon as it crosses the limit, then skipped up to and
- * including its `\n`, so memory stays bounded whatever the peer sends.
+ * once through `onOverflow` as soon as it crosses the limit (with its first two
+ * bytes, the message id of a message line), then skipped up to and including its
+ * `\n`, so memory stays bounded whatever the peer sends.
+ *
+ * `onLine` may return false to stop: push() then returns the offset in `chunk`
+ * just after that line, and the caller keeps the rest for later (the line
+ * itself is the caller's to keep too). Otherwise push() returns -1.
  */
 export class LineSplitter {
   private parts: Buffer[] = [];
@@ -26,25 +31,26 @@ export class LineSplitter {
     return this.partLen;
   }
 
-  push(chunk: Buffer, onLine: (line: Buffer) => void, onOverflow: () => void): void {
+  push(chunk: Buffer, onLine: (line: Buffer) => unknown, onOverflow: (head: Buffer) => void): number {
     let start = 0;
     while (start < chunk.length) {
       const nl = chunk.indexOf(NL, start);
       const end = nl === -1 ? chunk.length : nl;
       if (this.skipping) {
-        if (nl === -1) return;
+        if (nl === -1) return -1;
         this.skipping = false;
         start = nl + 1;
         continue;
       }
       const len = this.partLen + (end - start);
       if (len > this.maxLength) {
+        const head = this.partLen > 0 ? Buffer.concat(this.parts).subarray(0, 2) : chunk.subarray(start, start + 2);
         this.parts = [];
         this.partLen = 0;
-        onOverflow();
+        onOverflow(head);
         if (nl === -1) {
           this.skipping = true;
-          return;
+          return -1;
         }
         start = nl + 1;
         continue;
@@ -52,7 +58,7 @@ export class LineSplitter {
       if (nl === -1) {
         this.parts.push(chunk.subarray(start));
         this.partLen = len;
-        return;
+        return -1;
       }
       let line: Buffer;
       if (this.partLen === 0) {
@@ -63,9 +69,10 @@ export class LineSplitter {
         this.parts = [];
         this.partLen = 0;
       }
-      onLine(line);
       start = nl + 1;
+      if (onLine(line) === false) return start;
     }
+    return -1;
   }
 }
 
