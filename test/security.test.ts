@@ -14,7 +14,7 @@ import { Client, Connection, createLogger, Fleet, hashSecret, HttpApi, LogRecord
 import { parseIdLine } from '../src/server';
 import { resolveConfig } from '../src/config';
 import { makePki, Pki } from './helpers/certs';
-import { eventually } from './helpers/wait';
+import { eventually, within } from './helpers/wait';
 
 const TIMEOUT = 800;
 const pem = (file: string) => fs.readFileSync(file);
@@ -280,6 +280,79 @@ test('tls client certificates: required refuses links without one; a certificate
   t.is(await tlsAttempt(tlsOpts(lamp1), `lamp-2@${SECRET_B}\n`), '');
   t.is(server.handshakes.authFailed, before + 1);
   t.is(server.get('lamp-2'), undefined);
+});
+
+/** The first bytes a real TLS client sends: its ClientHello, caught by a plain TCP listener. */
+function captureClientHello(): Promise<Buffer> {
+  return new Promise((resolve) => {
+    const srv = net.createServer((s) =>
+      s.once('data', (d: Buffer) => {
+        resolve(d);
+        s.destroy();
+        srv.close();
+      }),
+    );
+    srv.listen(0, '127.0.0.1', () => {
+      const c = tls.connect({ host: '127.0.0.1', port: (srv.address() as net.AddressInfo).port, rejectUnauthorized: false });
+      c.on('error', () => {});
+    });
+  });
+}
+
+test('tls: stalled handshakes (silent, half a ClientHello, a byte now and then) are closed at the deadline; a real device from that address then connects', async (t) => {
+  const ID_TIMEOUT = 1000;
+  const FROM = '127.0.0.9';
+  const PER_ADDRESS = 256; // the default maxConnectionsPerAddress: the stalls take every slot of FROM
+  const { server, logs } = await start(t, { tls: { key: pki.serverKey, cert: pki.serverCert }, idTimeout: ID_TIMEOUT });
+  const hello = await captureClientHello();
+  t.true(hello.length > 100 && hello[0] === 0x16, 'a real ClientHello (a TLS handshake record)');
+
+  const stalls = Array.from({ length: PER_ADDRESS }, (_, i) => {
+    const s = net.connect({ host: '127.0.0.1', port: server.port, localAddress: FROM });
+    s.on('error', () => {});
+    const r = { kind: ['silent', 'half', 'trickle'][i % 3], openedAt: 0, closedAt: 0, closed: new Promise<void>((res) => s.once('close', () => res())) };
+    let trickle: NodeJS.Timeout | undefined;
+    s.once('connect', () => {
+      r.openedAt = Date.now();
+      if (r.kind === 'half') s.write(hello.subarray(0, hello.length >> 1));
+      if (r.kind === 'trickle') {
+        let n = 0; // one byte of the ClientHello every 100 ms: never idle, never done
+        trickle = setInterval(() => s.writable && n < hello.length - 1 && s.write(hello.subarray(n, ++n)), 100);
+      }
+    });
+    s.once('close', () => {
+      r.closedAt = Date.now();
+      clearInterval(trickle);
+    });
+    t.teardown(() => s.destroy());
+    return r;
+  });
+  await eventually(() => server.openConnections === PER_ADDRESS, 10_000, 'every stalled socket to be admitted');
+  // While they hold the slots, that address gets no more (the promise that broke: for good).
+  const refused = await rawAttempt(server.port, '', FROM);
+  t.true(refused.closed);
+  t.true(server.limits.maxConnectionsPerAddress >= 1);
+
+  await within(Promise.all(stalls.map((s) => s.closed)), ID_TIMEOUT + 15_000, 'the server to close every stalled handshake');
+  for (const s of stalls) {
+    t.true(s.closedAt - s.openedAt >= ID_TIMEOUT - 50, `a ${s.kind} socket lived its ${ID_TIMEOUT} ms (closed after ${s.closedAt - s.openedAt} ms)`);
+  }
+  await eventually(() => server.openConnections === 0, 5000, 'every slot to be free');
+  t.true(server.limits.tlsHandshake >= PER_ADDRESS, `each stall counted once as tlsHandshake (${server.limits.tlsHandshake})`);
+  t.true(logs.some((r) => r.msg === 'TLS handshake failed: socket closed' && /no TLS handshake within 1000 ms/.test(String(r.error))));
+
+  // A real TLS device from the same address connects, and the deadline does not touch a finished handshake.
+  // tls.connect passes socket options such as localAddress on to net.connect (its typings omit them).
+  const c = client(t, server.port, 'tls-after-stalls', { tls: { ca: pem(pki.ca), localAddress: FROM } as tls.ConnectionOptions });
+  await c.connect();
+  const conn = await server.clientConn('tls-after-stalls');
+  const hits = server.limits.tlsHandshake;
+  await new Promise((r) => setTimeout(r, ID_TIMEOUT + 300)); // past the deadline of its own handshake
+  await c.write('still here');
+  t.is(await conn.readline(), 'still here\n');
+  t.is(c.counters.outages, 0);
+  t.is(conn.counters.outages, 0);
+  t.is(server.limits.tlsHandshake, hits);
 });
 
 // ---- limits --------------------------------------------------------------------------

@@ -184,15 +184,22 @@ export class TcpTransport {
   private readonly srv: net.Server;
   private readonly sockets = new Set<net.Socket>();
   private readonly refused = new WeakSet<net.Socket>();
+  /** TLS only: raw sockets still in their handshake, by `address|port`, with the timer that closes them at the deadline. */
+  private readonly handshaking = new Map<string, { raw: net.Socket; timer: NodeJS.Timeout }>();
+  private readonly handshakeTimeout: number;
 
   constructor(
     private readonly accept: (link: Link) => void,
     private readonly opts: TcpListenOptions,
   ) {
     const linkOpts = (certId: string | null): TcpLinkOptions => ({ maxSendBuffer: opts.maxSendBuffer, onLimit: opts.onLimit, certId });
+    this.handshakeTimeout = opts.handshakeTimeout ?? 10_000;
     if (opts.tls) {
       const t = opts.tls;
-      const srv = tls.createServer({ ...secureContextOptions(t), handshakeTimeout: opts.handshakeTimeout ?? 10_000 }, (socket) => {
+      // Node's own handshakeTimeout is an inactivity timer (a peer trickling bytes resets it) and it
+      // only reports, it does not close: the deadline is ours (handshakeDeadline below).
+      const srv = tls.createServer({ ...secureContextOptions(t), handshakeTimeout: 0 }, (socket) => {
+        this.handshakeDone(socket);
         if (socket.destroyed) return;
         let certId: string | null = null;
         if (socket.authorized) {
@@ -205,6 +212,10 @@ export class TcpTransport {
       srv.on('tlsClientError', (err: NodeJS.ErrnoException, socket: tls.TLSSocket) => {
         // Node keeps the raw socket under `_parent`; the TLS socket has lost its address by now.
         const raw = (socket as unknown as { _parent?: net.Socket })?._parent;
+        // A failed handshake frees its slot now, whatever Node does with the socket afterwards.
+        this.handshakeDone(raw ?? socket);
+        socket?.destroy();
+        raw?.destroy();
         if (raw && this.refused.has(raw)) return;
         opts.onLimit?.('tlsHandshake', {
           remote: raw?.remoteAddress ?? socket?.remoteAddress,
@@ -230,6 +241,7 @@ export class TcpTransport {
         return;
       }
       this.sockets.add(socket);
+      if (opts.tls) this.handshakeDeadline(socket);
       socket.once('close', () => {
         this.sockets.delete(socket);
         opts.release?.(address);
@@ -239,6 +251,51 @@ export class TcpTransport {
     this.srv.on('error', (err) => {
       if (this.srv.listening) opts.logger.error('TCP listener error', { err });
     });
+  }
+
+  /**
+   * A TLS socket must finish its handshake within `handshakeTimeout` ms of arriving,
+   * however it spends them (silent, half a ClientHello, a byte now and then): at
+   * the deadline it is closed, counted as `tlsHandshake`, and its slot is free.
+   */
+  private handshakeDeadline(raw: net.Socket): void {
+    const key = `${raw.remoteAddress}|${raw.remotePort}`;
+    const timer = setTimeout(() => {
+      if (this.handshaking.get(key)?.raw !== raw) return;
+      this.handshaking.delete(key);
+      if (raw.destroyed) return;
+      this.refused.add(raw); // closed by us: not counted a second time as a failed handshake
+      raw.destroy();
+      this.opts.onLimit?.('tlsHandshake', {
+        remote: raw.remoteAddress,
+        error: `no TLS handshake within ${this.handshakeTimeout} ms`,
+        handshakeTimeout: this.handshakeTimeout,
+        hint: 'the device must start TLS at once on this port; the deadline is idTimeout',
+      });
+    }, this.handshakeTimeout);
+    timer.unref?.();
+    this.handshaking.set(key, { raw, timer });
+    raw.once('close', () => {
+      const h = this.handshaking.get(key);
+      if (h?.raw !== raw) return;
+      clearTimeout(h.timer);
+      this.handshaking.delete(key);
+    });
+  }
+
+  /** The handshake of the socket `s` is over (done or failed): no deadline any more. */
+  private handshakeDone(s: net.Socket | undefined): void {
+    if (!s) return;
+    const key = `${s.remoteAddress}|${s.remotePort}`;
+    const h = this.handshaking.get(key);
+    if (!h) return;
+    clearTimeout(h.timer);
+    this.handshaking.delete(key);
+  }
+
+  /** Sockets still in their TLS handshake (0 for plain TCP). */
+  get tlsHandshakes(): number {
+    return this.handshaking.size;
   }
 
   /** Sockets open right now (handshaking or attached). */
