@@ -7,7 +7,7 @@ import { EventEmitter } from 'node:events';
 import { isUtf8 } from 'node:buffer';
 import type { AddressInfo } from 'node:net';
 import { AUTH_DEFAULTS, AuthOptions, FailureTracker, hashProblem, splitSecret, verifySecret } from './auth';
-import { Connection, ConnectionOptions } from './connection';
+import { Connection, ConnectionOptions, Durable } from './connection';
 import { checkInt, ENDPOINT_DEFAULTS } from './endpoint';
 import { closedError, TetherError, waitAbortedError } from './errors';
 import type { Link } from './link';
@@ -234,6 +234,11 @@ export class Server extends EventEmitter {
     } else {
       this.auth = null;
       this.failures = null;
+    }
+    // With persistence, every device with a journal is there from the start (its unread lines readable, its queue sending).
+    if (this.store) {
+      const allowed = (id: string) => !this.allow || this.allow.has(id);
+      for (const r of this.store.restoreAll(allowed, this.maxDevices)) this.create(r.id, r);
     }
   }
 
@@ -566,28 +571,41 @@ export class Server extends EventEmitter {
       if (!this.allow && this.expected.length > 0 && !this.expected.includes(id)) {
         this.log.info('client ID not in the expected list: accepted', { id, remote: link.remote });
       }
-      const durable = this.store?.attach(id);
-      conn = new Connection(id, (other) => this.conns.get(other), this.connOpts, durable);
-      this.conns.set(id, conn);
-      conn.on('violation', (kind: string, l: Link | null) => this.strike(l?.address ?? l?.remote ?? `id:${id}`, kind));
-      const created = conn;
-      // An app that closes a Connection retires it: the ID's next link starts a fresh one.
-      created.once('close', () => {
-        if (this.closed || this.conns.get(id) !== created) return;
-        this.conns.delete(id);
-        if (durable) {
-          durable.journal.close();
-          this.store!.forget(id);
-        }
-        this.log.info('connection closed by the app: its next link starts a fresh Connection', { id });
-      });
-      conn.declare(declared.type, declared.meta);
-      this.emit('connection', conn);
-      this.arrived.notify();
+      let durable: Durable | undefined;
+      try {
+        durable = this.store?.attach(id);
+      } catch (e) {
+        // The store handles its own I/O faults; whatever else goes wrong there must not take the server down either.
+        this.log.error('journal could not be attached: this device runs without persistence', { id, error: (e as Error)?.stack ?? String(e) });
+      }
+      conn = this.create(id, durable, declared);
     }
     conn.declare(declared.type, declared.meta); // a device may declare new metadata on every connect
+    this.store?.declared(id, conn.declaredType, conn.meta);
     conn.attach(link, rest);
     this.emit('attach', conn, link);
+  }
+
+  /** Registers the Connection of a new ID (a device's first link, or a journal restored at start). */
+  private create(id: string, durable: Durable | undefined, declared?: IdLine): Connection {
+    const conn = new Connection(id, (other) => this.conns.get(other), this.connOpts, durable);
+    this.conns.set(id, conn);
+    conn.on('violation', (kind: string, l: Link | null) => this.strike(l?.address ?? l?.remote ?? `id:${id}`, kind));
+    // An app that closes a Connection retires it: the ID's next link starts a fresh one.
+    conn.once('close', () => {
+      if (this.closed || this.conns.get(id) !== conn) return;
+      this.conns.delete(id);
+      if (durable) {
+        durable.journal.close();
+        this.store!.forget(id);
+      }
+      this.log.info('connection closed by the app: its next link starts a fresh Connection', { id });
+    });
+    if (declared) conn.declare(declared.type, declared.meta);
+    else if (durable?.restored) conn.declare(durable.restored.type, durable.restored.meta);
+    this.emit('connection', conn);
+    this.arrived.notify();
+    return conn;
   }
 
   /** Closes every Connection (they reject pending writes and readers) and stops listening. */
