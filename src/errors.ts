@@ -13,7 +13,8 @@ export type TetherErrorCode =
   | 'ERR_MESH_COMMAND'
   | 'ERR_MESH_TIMEOUT'
   | 'ERR_MESH_PORT'
-  | 'ERR_MESH_RESET';
+  | 'ERR_MESH_RESET'
+  | 'ERR_BUSY';
 
 export class TetherError extends Error {
   constructor(
@@ -43,6 +44,19 @@ export function payloadError(problem: string, maxLineLength: number): TetherErro
         `line too long: with its 2-digit id it exceeds maxLineLength (${maxLineLength} bytes). Shorten it or raise maxLineLength on both ends.`,
       );
   }
+}
+
+/**
+ * A line longer than what the device's link can carry (`limit`: the link's
+ * maxLineLength, e.g. one mesh frame), counted as maxLineLength counts: bytes
+ * with the 2-digit message id, without the `\n`.
+ */
+export function lineTooLongForLink(bytes: number, limit: number, remote: string | undefined): TetherError {
+  return new TetherError(
+    'ERR_LINE_TOO_LONG',
+    `line too long for this device's link${remote ? ` (${remote})` : ''}: ${bytes} bytes with its 2-digit id, the link carries at most ${limit} in one frame. ` +
+      `Shorten it, or split it into lines of at most ${limit - 2} bytes and join them in the device's code.`,
+  );
 }
 
 export function closedError(what: string): TetherError {

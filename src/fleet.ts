@@ -6,10 +6,12 @@
  * else the first type in the configuration whose patterns match its ID (exact
  * IDs or globs with `*` and `?`), else null.
  */
-import { EventEmitter } from 'node:events';
+import { EventEmitter, setMaxListeners } from 'node:events';
 import type { Connection } from './connection';
-import type { Counters } from './endpoint';
-import { TetherError } from './errors';
+import { checkInt, Counters } from './endpoint';
+import { lineTooLongForLink, TetherError, TetherErrorCode } from './errors';
+import type { Link } from './link';
+import { normalizePayload, payloadProblem } from './protocol';
 import type { Server } from './server';
 import type { Sample } from './telemetry';
 
@@ -30,7 +32,7 @@ export interface DeviceInfo {
 }
 
 export interface SendOptions {
-  /** ms to wait for the device's ACK before reporting `failed` (the line is then abandoned). Default 10000. */
+  /** ms to wait for the device's ACK before reporting `failed` (the line is then abandoned), counted from the call. Default 10000. */
   timeout?: number;
   /** Resolve as soon as the line is queued (`accepted`) instead of when ACKed (`delivered`). Default false. */
   accepted?: boolean;
@@ -40,6 +42,69 @@ export interface SendOutcome {
   id: string;
   status: 'delivered' | 'accepted' | 'failed';
   error?: string;
+  /** With `failed`, when the reason has one: `ERR_BUSY` (see FleetOptions), `ERR_LINE_TOO_LONG`, `ERR_ABORTED` (timeout), `ERR_CLOSED`… */
+  code?: TetherErrorCode;
+}
+
+export interface FleetOptions {
+  /**
+   * Per-device sends held at once. Every device a send or broadcast addresses
+   * holds one from the call until its outcome (for devices that are down: until
+   * its timeout), about 1.5 KB each; a broadcast to N devices holds N. A call
+   * that would go past it is refused whole (`ERR_BUSY`). Default 100000.
+   */
+  maxPendingSends?: number;
+  /** Bytes of line text those sends hold, counted once per device addressed. Default 64 MiB. */
+  maxPendingBytes?: number;
+}
+
+export const FLEET_DEFAULTS = { maxPendingSends: 100_000, maxPendingBytes: 64 * 1024 * 1024 } as const;
+
+/** Devices a broadcast addresses per event-loop turn: a big fleet is addressed in slices, and device links are served in between. */
+export const FANOUT_SLICE = 1000;
+
+/** Longest `timeout` of a send, ms (what a timer can hold). */
+const MAX_SEND_TIMEOUT = 2 ** 31 - 1;
+
+/**
+ * A send or broadcast refused because the sends already waiting for devices
+ * hold as much as the fleet allows (maxPendingSends, maxPendingBytes). Nothing
+ * was sent; retry later.
+ */
+export class FleetBusyError extends TetherError {
+  constructor(
+    /** Per-device sends and bytes the refused call asked for. */
+    readonly wanted: { sends: number; bytes: number },
+    /** What was held when it was refused. */
+    readonly held: { sends: number; bytes: number },
+    readonly limits: { maxPendingSends: number; maxPendingBytes: number },
+  ) {
+    const mb = (b: number) => `${(b / 2 ** 20).toFixed(1)} MiB`;
+    const which =
+      held.sends + wanted.sends > limits.maxPendingSends
+        ? `${held.sends} sends are waiting for devices and this one needs ${wanted.sends} more (maxPendingSends ${limits.maxPendingSends})`
+        : `${mb(held.bytes)} of lines are waiting for devices and this one needs ${mb(wanted.bytes)} more (maxPendingBytes ${mb(limits.maxPendingBytes)})`;
+    super(
+      'ERR_BUSY',
+      `too many messages waiting for devices, nothing was sent: ${which}. Retry once some are answered ` +
+        '(a device that is down holds its share until the timeout, so a shorter "timeout" frees it sooner), ' +
+        'address fewer devices at once, or raise maxPendingSends / maxPendingBytes if the server has the memory (about 1.5 KB per send plus the line).',
+    );
+    this.name = 'FleetBusyError';
+  }
+}
+
+/** A fan-out in progress: its devices are addressed in slices, in call order. */
+interface FanOut {
+  conns: Connection[];
+  next: number;
+  line: string;
+  bytes: number;
+  signal: AbortSignal;
+  timeout: number;
+  accepted: boolean;
+  outcomes: Array<Promise<SendOutcome>>;
+  done(): void;
 }
 
 /** Compiles an exact ID or a glob (`*` any run, `?` one character) to a matcher. */
@@ -51,12 +116,28 @@ export function globMatcher(pattern: string): (id: string) => boolean {
 
 export class Fleet extends EventEmitter {
   private readonly matchers: Array<{ type: string; match: (id: string) => boolean }> = [];
+  readonly maxPendingSends: number;
+  readonly maxPendingBytes: number;
+  private heldSends = 0;
+  private heldBytes = 0;
+  /** Fan-outs still addressing their devices, oldest first; sends wait behind them so every device gets lines in call order. */
+  private readonly fanouts: FanOut[] = [];
+  private slicing: NodeJS.Immediate | null = null;
+  /** The line limit announced by each device's latest link (a mesh node: one frame), and where it came from. */
+  private readonly linkLimits = new WeakMap<Connection, { limit: number; remote: string }>();
 
   constructor(
     readonly server: Server,
     types: DeviceTypes = {},
+    opts: FleetOptions = {},
   ) {
     super();
+    this.maxPendingSends = checkInt('maxPendingSends', opts.maxPendingSends ?? FLEET_DEFAULTS.maxPendingSends, 1);
+    this.maxPendingBytes = checkInt('maxPendingBytes', opts.maxPendingBytes ?? FLEET_DEFAULTS.maxPendingBytes, 1024);
+    server.on('attach', (c: Connection, link: Link) => {
+      if (link.maxLineLength !== undefined) this.linkLimits.set(c, { limit: link.maxLineLength, remote: link.remote });
+      else this.linkLimits.delete(c);
+    });
     for (const [type, patterns] of Object.entries(types)) {
       if (!Array.isArray(patterns) || patterns.some((p) => typeof p !== 'string' || !p)) {
         throw new TetherError('ERR_BAD_CONFIG', `types.${type} must be a list of client IDs or glob patterns, e.g. ["lamp-*"]`);
@@ -96,32 +177,144 @@ export class Fleet extends EventEmitter {
       .map((c) => c.id);
   }
 
-  /** Sends one qos line to one device; never throws, reports the outcome. */
-  async send(id: string, line: string, opts: SendOptions = {}): Promise<SendOutcome> {
+  /** Per-device sends (and bytes of their lines) waiting for an outcome right now; bounded by maxPendingSends / maxPendingBytes. */
+  get pendingSends(): { sends: number; bytes: number } {
+    return { sends: this.heldSends, bytes: this.heldBytes };
+  }
+
+  /**
+   * Sends one qos line to one device; never throws, reports the outcome. When the
+   * sends already waiting hold maxPendingSends / maxPendingBytes, it fails at once
+   * with `code: 'ERR_BUSY'` (nothing sent).
+   */
+  send(id: string, line: string, opts: SendOptions = {}): Promise<SendOutcome> {
     const conn = this.server.get(id);
-    if (!conn || conn.isClosed) return { id, status: 'failed', error: 'no such device (it has never connected)' };
-    const signal = AbortSignal.timeout(opts.timeout ?? 10000);
+    if (!conn || conn.isClosed) return Promise.resolve({ id, status: 'failed', error: 'no such device (it has never connected)' });
+    let timeout: number;
     try {
-      await conn.write(line, { signal, accepted: opts.accepted });
-      return { id, status: opts.accepted ? 'accepted' : 'delivered' };
+      timeout = sendTimeout(opts);
     } catch (e) {
-      const err = e as TetherError;
-      const error =
-        err.code === 'ERR_ABORTED'
-          ? `not acknowledged within ${opts.timeout ?? 10000} ms (device ${conn.isUp ? 'up' : 'down'}); the line was abandoned`
-          : err.message;
-      return { id, status: 'failed', error };
+      return Promise.reject(e); // a wrong option is the caller's bug, not an outcome
     }
+    const bytes = Buffer.byteLength(line);
+    const refused = this.reserve(1, bytes);
+    if (refused) return Promise.resolve({ id, status: 'failed', error: refused.message, code: refused.code });
+    const signal = AbortSignal.timeout(timeout);
+    // Behind a broadcast still addressing its devices, so this device gets the two lines in call order.
+    if (this.fanouts.length > 0) return this.fanOut([conn], line, bytes, signal, timeout, opts.accepted === true).then((o) => o[0]);
+    return this.deliver(conn, line, bytes, signal, timeout, opts.accepted === true);
   }
 
-  /** Sends to every device of `type`; one outcome per device. */
+  /**
+   * Sends to every device of `type`; one outcome per device. Rejects with
+   * FleetBusyError (`ERR_BUSY`, nothing sent) when that many sends would pass
+   * maxPendingSends / maxPendingBytes.
+   */
   sendType(type: string, line: string, opts: SendOptions = {}): Promise<SendOutcome[]> {
-    return Promise.all(this.idsOfType(type).map((id) => this.send(id, line, opts)));
+    return this.sendMany(
+      this.server.connections().filter((c) => this.typeOf(c) === type),
+      line,
+      opts,
+    );
   }
 
-  /** Sends to every device the server has seen; one outcome per device. */
+  /** Sends to every device the server has seen; one outcome per device. Rejects like sendType(). */
   sendAll(line: string, opts: SendOptions = {}): Promise<SendOutcome[]> {
-    return Promise.all(this.server.connections().map((c) => this.send(c.id, line, opts)));
+    return this.sendMany(this.server.connections(), line, opts);
+  }
+
+  /** The fan-out of a broadcast: admitted whole or refused whole, then addressed in slices. */
+  private sendMany(conns: Connection[], line: string, opts: SendOptions): Promise<SendOutcome[]> {
+    let timeout: number;
+    try {
+      timeout = sendTimeout(opts);
+    } catch (e) {
+      return Promise.reject(e);
+    }
+    const bytes = Buffer.byteLength(line);
+    const refused = this.reserve(conns.length, bytes * conns.length);
+    if (refused) return Promise.reject(refused);
+    // One timer for the whole broadcast, however many devices wait on it.
+    const signal = AbortSignal.timeout(timeout);
+    setMaxListeners(0, signal);
+    return this.fanOut(conns, line, bytes, signal, timeout, opts.accepted === true);
+  }
+
+  /** Holds `n` sends of `bytes` in total, or says why not. */
+  private reserve(n: number, bytes: number): FleetBusyError | null {
+    if (n === 0) return null;
+    if (this.heldSends + n > this.maxPendingSends || this.heldBytes + bytes > this.maxPendingBytes) {
+      return new FleetBusyError(
+        { sends: n, bytes },
+        { sends: this.heldSends, bytes: this.heldBytes },
+        { maxPendingSends: this.maxPendingSends, maxPendingBytes: this.maxPendingBytes },
+      );
+    }
+    this.heldSends += n;
+    this.heldBytes += bytes;
+    return null;
+  }
+
+  /** Queues devices (already reserved) to be addressed in call order, FANOUT_SLICE per event-loop turn. */
+  private fanOut(conns: Connection[], line: string, bytes: number, signal: AbortSignal, timeout: number, accepted: boolean): Promise<SendOutcome[]> {
+    return new Promise<SendOutcome[]>((resolve) => {
+      const job: FanOut = { conns, next: 0, line, bytes, signal, timeout, accepted, outcomes: [], done: () => resolve(Promise.all(job.outcomes)) };
+      this.fanouts.push(job);
+      // The first slice goes now: a broadcast to a small fleet is addressed at once, as before.
+      if (this.fanouts.length === 1) this.slice();
+    });
+  }
+
+  private readonly slice = (): void => {
+    this.slicing = null;
+    let room = FANOUT_SLICE;
+    while (room > 0 && this.fanouts.length > 0) {
+      const job = this.fanouts[0];
+      while (room > 0 && job.next < job.conns.length) {
+        job.outcomes.push(this.deliver(job.conns[job.next++], job.line, job.bytes, job.signal, job.timeout, job.accepted));
+        room--;
+      }
+      if (job.next < job.conns.length) break;
+      this.fanouts.shift();
+      job.done();
+    }
+    if (this.fanouts.length > 0) this.slicing = setImmediate(this.slice);
+  };
+
+  /** Writes the line to one device whose share is reserved; releases the share when the outcome is known. */
+  private deliver(conn: Connection, line: string, bytes: number, signal: AbortSignal, timeout: number, accepted: boolean): Promise<SendOutcome> {
+    const id = conn.id;
+    const release = () => {
+      this.heldSends--;
+      this.heldBytes -= bytes;
+    };
+    const link = this.linkLimits.get(conn);
+    if (link && payloadProblem(normalizePayload(line), link.limit) === 'too-long') {
+      release();
+      const err = lineTooLongForLink(Buffer.byteLength(normalizePayload(line)) + 2, link.limit, link.remote);
+      return Promise.resolve({ id, status: 'failed', error: err.message, code: err.code });
+    }
+    let written: Promise<void>;
+    try {
+      written = conn.write(line, { signal, accepted });
+    } catch (e) {
+      written = Promise.reject(e);
+    }
+    return written.then(
+      (): SendOutcome => {
+        release();
+        return { id, status: accepted ? 'accepted' : 'delivered' };
+      },
+      (e: unknown): SendOutcome => {
+        release();
+        const err = e as TetherError;
+        const error =
+          err.code === 'ERR_ABORTED'
+            ? `not acknowledged within ${timeout} ms (device ${conn.isUp ? 'up' : 'down'}); the line was abandoned`
+            : (err?.message ?? String(e));
+        return err instanceof TetherError ? { id, status: 'failed', error, code: err.code } : { id, status: 'failed', error };
+      },
+    );
   }
 
   describe(c: Connection): DeviceInfo {
@@ -157,4 +350,9 @@ export class Fleet extends EventEmitter {
     // A Connection is created on its first link: report that first connect too.
     if (c.isUp) this.fire('connect', c);
   }
+}
+
+/** The `timeout` of a send, checked: a whole number of ms a timer can hold. */
+function sendTimeout(opts: SendOptions): number {
+  return checkInt('timeout', opts.timeout ?? 10_000, 1, MAX_SEND_TIMEOUT);
 }

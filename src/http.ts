@@ -27,6 +27,7 @@ import { ENDPOINT_DEFAULTS } from './endpoint';
 import { TetherError } from './errors';
 import type { Counters } from './endpoint';
 import { LIMIT_NAMES } from './limits';
+import { FleetBusyError } from './fleet';
 import type { DeviceInfo, Fleet, SendOutcome } from './fleet';
 import { silentLogger } from './log';
 import type { Logger } from './log';
@@ -683,6 +684,9 @@ export class HttpApi {
     const outcome = await this.withSendSlot(() => this.fleet.send(id, body.line, { timeout: body.timeout, accepted: body.accepted }));
     this.log.info('HTTP message', outcome.error ? { to: id, status: outcome.status, error: outcome.error } : { to: id, status: outcome.status });
     if (outcome.status !== 'failed') return this.json(res, 200, { id, status: outcome.status });
+    // Too long for the device's link (a mesh node: one frame) or the fleet's sends are full (issue 14 items 13 and 5).
+    if (outcome.code === 'ERR_LINE_TOO_LONG') return this.json(res, 413, { id, status: 'failed', error: outcome.error });
+    if (outcome.code === 'ERR_BUSY') return this.json(res, 503, { id, status: 'failed', error: outcome.error }, { 'Retry-After': '5' });
     const timedOut = /^not acknowledged within/.test(outcome.error ?? '');
     const error = timedOut
       ? `${outcome.error}; retry later, raise "timeout" (up to ${SEND_TIMEOUT.max} ms), or send with "accepted": true to queue it for when the device is back`
@@ -693,7 +697,11 @@ export class HttpApi {
   private async broadcast(res: http.ServerResponse, body: { line: string; type?: string; timeout: number; accepted: boolean }): Promise<void> {
     const opts = { timeout: body.timeout, accepted: body.accepted };
     const outcomes: SendOutcome[] = await this.withSendSlot(() =>
-      body.type !== undefined ? this.fleet.sendType(body.type, body.line, opts) : this.fleet.sendAll(body.line, opts),
+      (body.type !== undefined ? this.fleet.sendType(body.type, body.line, opts) : this.fleet.sendAll(body.line, opts)).catch((e: unknown) => {
+        // The fleet's sends waiting for devices are at their bound (maxPendingSends / maxPendingBytes): nothing was sent.
+        if (e instanceof FleetBusyError) throw new HttpProblem(503, e.message, { 'Retry-After': '5' });
+        throw e;
+      }),
     );
     const count = (s: SendOutcome['status']) => outcomes.filter((o) => o.status === s).length;
     this.log.info('HTTP broadcast', { type: body.type ?? '*', devices: outcomes.length, delivered: count('delivered'), accepted: count('accepted'), failed: count('failed') });

@@ -19,6 +19,13 @@ export interface Link {
   readonly address?: string;
   /** The client ID a verified TLS client certificate proves, if any. */
   readonly certId?: string | null;
+  /**
+   * The longest line (bytes without `\n`, message id included) this link can
+   * carry, when its transport limits it below maxLineLength: a mesh node's link
+   * carries one frame (maxFrame − 8). Writes longer than this are refused up
+   * front. Default: no limit of its own.
+   */
+  readonly maxLineLength?: number;
   /** Sends bytes; false means the transport is full: hold further messages until `drain`. */
   write(data: string): boolean;
   /** Stop delivering `data` (flow control toward the peer) / start again. */

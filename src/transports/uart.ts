@@ -8,6 +8,7 @@
 import { EventEmitter } from 'node:events';
 import { SerialPort } from 'serialport';
 import { TetherError } from '../errors';
+import { throttledWarn } from '../limits';
 import type { Link, LinkHandlers } from '../link';
 import type { Logger } from '../log';
 import {
@@ -90,6 +91,12 @@ export interface MeshStats {
   quarantinedBytes: number;
   /** Line bytes dropped because a paused node's hold was full. */
   heldDropped: number;
+  /**
+   * Lines to nodes not sent because their frame would exceed maxFrame (the root
+   * would drop it). Stays 0: node Connections refuse such lines at write() (see
+   * meshMaxLine); a count here means something bypassed that check.
+   */
+  oversizedOut: number;
   opens: number;
   portLosses: number;
 }
@@ -120,9 +127,27 @@ interface Outstanding {
 
 const hex4 = (a: number) => '0x' + a.toString(16).padStart(4, '0');
 
+/** A SEND frame body: command (5 bytes) and node address (2), then the line-protocol bytes. */
+const COMMAND_HEADER = 7;
+
+/** Bytes a node's line costs in a frame body besides the line itself: the command and address (7) and the line's `\n` (1). */
+export const MESH_LINE_OVERHEAD = COMMAND_HEADER + 1;
+
+/**
+ * The longest line (bytes without its `\n`, message id included: what
+ * maxLineLength counts) that fits in one SEND frame of at most `maxFrame` bytes.
+ * A node's link announces it, so its Connection refuses longer writes up front
+ * instead of sending a frame the root drops (and retransmitting it forever).
+ */
+export function meshMaxLine(maxFrame: number): number {
+  return maxFrame - MESH_LINE_OVERHEAD;
+}
+
 /** One mesh node's line-protocol stream, as a link. */
 class MeshLink implements Link {
   readonly remote: string;
+  /** The longest line one frame carries (maxFrame − command, address and `\n`). */
+  readonly maxLineLength: number;
   private h: LinkHandlers | null = null;
   private closed = false;
   private paused = false;
@@ -134,6 +159,7 @@ class MeshLink implements Link {
     readonly addr: number,
   ) {
     this.remote = `mesh:${hex4(addr)}`;
+    this.maxLineLength = mesh.maxLineLength;
   }
 
   write(data: string): boolean {
@@ -215,6 +241,7 @@ export class MeshTransport extends EventEmitter {
     resultsUnexpected: 0,
     quarantinedBytes: 0,
     heldDropped: 0,
+    oversizedOut: 0,
     opens: 0,
     portLosses: 0,
   };
@@ -266,6 +293,9 @@ export class MeshTransport extends EventEmitter {
       maxHeld: options.maxHeld ?? 65536,
       telemetryHistory: options.telemetryHistory ?? 1000,
     };
+    if (!Number.isInteger(this.opts.maxFrame) || this.opts.maxFrame < 16 || this.opts.maxFrame > 1 << 20) {
+      throw new TetherError('ERR_BAD_CONFIG', `mesh: "maxFrame" must be an integer from 16 to ${1 << 20} (the root's frame buffer, default 4096), got ${JSON.stringify(this.opts.maxFrame)}`);
+    }
     if (this.opts.send !== 'SEND-' && this.opts.send !== 'SENDI') {
       throw new TetherError('ERR_BAD_CONFIG', `mesh: "send" must be "SEND-" or "SENDI", got ${JSON.stringify(this.opts.send)}`);
     }
@@ -282,6 +312,11 @@ export class MeshTransport extends EventEmitter {
     server.on('attach', (conn: { id: string }, link: Link) => {
       if (link instanceof MeshLink) this.node(link.addr).clientId = conn.id;
     });
+  }
+
+  /** The longest line a node's link carries in one frame: maxFrame − 8 (4088 by default). */
+  get maxLineLength(): number {
+    return meshMaxLine(this.opts.maxFrame);
   }
 
   /** Frame decoder counters: frames, noise bytes, restarted, oversized, bad escapes. */
@@ -339,11 +374,23 @@ export class MeshTransport extends EventEmitter {
 
   sendToNode(addr: number, data: string): boolean {
     if (!this.port) return true; // the link is about to be ended with the port
+    const bytes = Buffer.from(data);
+    if (COMMAND_HEADER + bytes.length > this.opts.maxFrame) {
+      // The root would drop the frame; never put it on the line.
+      this.stats.oversizedOut++;
+      throttledWarn(this.log, 'line to a mesh node too long for one frame: not sent', {
+        node: hex4(addr),
+        bytes: bytes.length,
+        maxFrame: this.opts.maxFrame,
+        hint: `lines to mesh nodes must fit maxLineLength ${this.maxLineLength}; the Connection should have refused it at write()`,
+      });
+      return true;
+    }
     if (this.callBusy || this.calls.length > 0) {
-      this.held.push({ addr, data: Buffer.from(data) });
+      this.held.push({ addr, data: bytes });
       return false;
     }
-    this.write(this.opts.send, addr, Buffer.from(data));
+    this.write(this.opts.send, addr, bytes);
     return this.portWritable && this.fifo.length < this.opts.maxOutstanding;
   }
 
