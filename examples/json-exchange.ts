@@ -6,7 +6,7 @@
  *
  * The MicroPython half of this example lives in clients/micropython/examples/.
  */
-import type { AppContext, DeviceContext } from '../src/apps';
+import { AppContext, DeviceContext, parseJsonLine } from '../src/apps';
 import type { Client } from '../src/client';
 import type { Connection } from '../src/connection';
 import { sleep } from '../src/util';
@@ -22,7 +22,10 @@ export default async function jsonExchange(conn: Connection, ctx: AppContext): P
   const reader = (async () => {
     for await (const line of conn) {
       received++;
-      const [connects, count, uptime] = JSON.parse(line) as number[];
+      // A line the app cannot read is logged and skipped, never allowed to stop the app.
+      const data = parseJsonLine<number[]>(line, ctx.log);
+      if (!Array.isArray(data)) continue;
+      const [connects, count, uptime] = data;
       ctx.log.info('app got', { from: conn.id, connects, count, uptime });
     }
   })();
@@ -42,7 +45,7 @@ export default async function jsonExchange(conn: Connection, ctx: AppContext): P
 export async function device(client: Client, ctx: DeviceContext): Promise<void> {
   const started = Date.now();
   const reader = (async () => {
-    for await (const line of client) ctx.log.info('device got', { data: JSON.parse(line) });
+    for await (const line of client) ctx.log.info('device got', { data: parseJsonLine(line, ctx.log) });
   })();
   for (let count = 0; !ctx.signal.aborted; count++) {
     const uptime = Math.round((Date.now() - started) / 1000);

@@ -5,7 +5,7 @@
  *
  * The MicroPython halves live in clients/micropython/examples/.
  */
-import type { AppContext, DeviceContext } from '../src/apps';
+import { AppContext, DeviceContext, parseJsonLine } from '../src/apps';
 import type { Client } from '../src/client';
 import type { Connection } from '../src/connection';
 import { sleep } from '../src/util';
@@ -17,12 +17,13 @@ export default async function remoteControl(conn: Connection, ctx: AppContext): 
   if (conn.id === 'tx') {
     const rx = await ctx.clientConn('rx');
     for await (const line of conn) {
-      const { button } = JSON.parse(line) as { button: 'down' | 'up' };
+      const button = parseJsonLine<{ button?: unknown }>(line, ctx.log)?.button;
+      if (button !== 'down' && button !== 'up') continue; // not a button press: logged, skipped
       ctx.log.info('button', { button, relay: 'rx' });
       await rx.write(JSON.stringify({ led: button === 'down' ? 'on' : 'off' }), { signal: ctx.signal });
     }
   } else {
-    for await (const line of conn) ctx.log.info('rx reports', JSON.parse(line) as Record<string, unknown>);
+    for await (const line of conn) ctx.log.info('rx reports', { state: parseJsonLine(line, ctx.log) });
   }
 }
 
@@ -38,7 +39,8 @@ export async function device(client: Client, ctx: DeviceContext): Promise<void> 
     return;
   }
   for await (const line of client) {
-    const { led } = JSON.parse(line) as { led: 'on' | 'off' };
+    const led = parseJsonLine<{ led?: unknown }>(line, ctx.log)?.led;
+    if (led !== 'on' && led !== 'off') continue;
     ctx.log.info(`LED ${led}`);
     await client.write(JSON.stringify({ led }), { signal: ctx.signal }).catch(() => {});
   }

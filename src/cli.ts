@@ -314,8 +314,12 @@ async function serve(o: Opts, withFleet: boolean): Promise<void> {
       throw e;
     }
   }
-  const runner = new AppRunner(server, log, fleet);
+  const runner = new AppRunner(server, log, fleet, cfg.appRestart);
+  // An app's error costs that app instance (restarted after a pause), never the process.
+  runner.guardProcess();
   for (const app of apps) runner.add(app);
+  // Lines of devices no app reads are accepted and shown (dashboard, API, MQTT), not left to pile up.
+  runner.acceptUnclaimed();
   // Devices are served meanwhile: their lines wait (un-ACKed) until the broker is there.
   bridge?.start().catch((e) => log.error('MQTT bridge failed to start', { error: (e as Error).message }));
 

@@ -9,6 +9,8 @@ import { TetherError } from './errors';
 import type { Level } from './log';
 import { AuthOptions, hashProblem } from './auth';
 import type { BridgeOptions } from './bridge';
+import { APP_RESTART_DEFAULTS, AppRestartOptions } from './apps';
+import { ENDPOINT_DEFAULTS } from './endpoint';
 import { SERVER_DEFAULTS } from './server';
 import type { DuplicateIdPolicy } from './server';
 import type { TlsOptions } from './transports/tcp';
@@ -38,8 +40,15 @@ export interface TetherConfig {
   maxIdLength: number;
   idTimeout: number;
   rxBuffer: number;
+  rxHold: number;
+  rxBufferBytes: number;
+  stallAfter: number;
   maxQueuedWrites: number;
   window: number;
+  /** ID lines may declare a type and metadata (`id##type##{json}`); off: `##` is part of the ID, as with the original. */
+  idLineTypes: boolean;
+  /** How failed app instances are restarted. */
+  appRestart: AppRestartOptions;
   maxConnections: number;
   maxConnectionsPerAddress: number;
   maxSendBuffer: number;
@@ -85,7 +94,7 @@ export interface HttpConfig {
 
 export const HTTP_CONFIG_DEFAULTS: HttpConfig = { host: '127.0.0.1', port: 8124, token: null, tls: null };
 
-export const CONFIG_DEFAULTS: Omit<TetherConfig, 'baseDir' | 'idTimeout'> & { idTimeout: number | null } = {
+export const CONFIG_DEFAULTS: Omit<TetherConfig, 'baseDir' | 'idTimeout' | 'stallAfter'> & { idTimeout: number | null; stallAfter: number | null } = {
   host: '0.0.0.0',
   server: '127.0.0.1',
   port: 8123,
@@ -94,9 +103,14 @@ export const CONFIG_DEFAULTS: Omit<TetherConfig, 'baseDir' | 'idTimeout'> & { id
   maxLineLength: 65536,
   maxIdLength: 1024,
   idTimeout: null, // = timeout
-  rxBuffer: 64,
+  rxBuffer: ENDPOINT_DEFAULTS.rxBuffer,
+  rxHold: ENDPOINT_DEFAULTS.rxHold,
+  rxBufferBytes: ENDPOINT_DEFAULTS.rxBufferBytes,
+  stallAfter: null, // = timeout
   maxQueuedWrites: 64,
   window: 8,
+  idLineTypes: SERVER_DEFAULTS.idLineTypes,
+  appRestart: { ...APP_RESTART_DEFAULTS },
   // The server's own defaults for its limits, so the two cannot drift apart.
   maxConnections: SERVER_DEFAULTS.maxConnections,
   maxConnectionsPerAddress: SERVER_DEFAULTS.maxConnectionsPerAddress,
@@ -225,8 +239,14 @@ const CHECKS: Record<string, Check> = {
   maxIdLength: int(1, 1024 * 1024),
   idTimeout: (v) => (v === null ? null : int(1, 3_600_000)(v)),
   rxBuffer: int(1, 1_000_000),
+  rxHold: int(1, 255),
+  rxBufferBytes: int(1, 1 << 30),
+  stallAfter: (v) => (v === null ? null : int(1, 86_400_000)(v)),
   maxQueuedWrites: int(1, 1_000_000),
   window: int(1, 100),
+  idLineTypes: (v) => (typeof v === 'boolean' ? null : 'true or false'),
+  appRestart: (v) =>
+    v === null ? 'an object' : section({ initialDelay: int(0, 86_400_000), maxDelay: int(0, 86_400_000), resetAfter: int(0, 86_400_000) }, '{ "initialDelay": 1000, "maxDelay": 60000, "resetAfter": 60000 }')(v),
   maxConnections: int(1, 10_000_000),
   maxConnectionsPerAddress: int(1, 10_000_000),
   maxSendBuffer: int(1024, 1 << 30),
@@ -338,6 +358,8 @@ export function resolveConfig(raw: unknown, where = 'config', baseDir = process.
     log: { ...CONFIG_DEFAULTS.log, ...(obj.log as object) },
     http: obj.http === null ? null : resolveHttp({ ...HTTP_CONFIG_DEFAULTS, ...(obj.http as object) }, baseDir),
     idTimeout: merged.idTimeout ?? merged.timeout,
+    stallAfter: merged.stallAfter ?? merged.timeout,
+    appRestart: { ...APP_RESTART_DEFAULTS, ...(obj.appRestart as object) },
     mqtt: merged.mqtt && resolveMqtt(merged.mqtt, baseDir),
     tls: merged.tls && {
       ...merged.tls,

@@ -75,8 +75,13 @@ export class Connection extends Endpoint {
     return this.linked;
   }
 
-  /** Used by the Server: makes `link` this Connection's link, replacing any old one. */
-  attach(link: Link, rest?: Buffer): void {
+  /**
+   * Used by the Server: makes `link` this Connection's link, replacing any old
+   * one. `boot`: the boot id the device announced in its ID line, if any (lets
+   * the mid-0 rule tell a resend from a reboot across links).
+   */
+  attach(link: Link, rest?: Buffer, boot?: string): void {
+    this.peerBoot = boot;
     this.attachLink(link, rest, true, this.settleAfter);
   }
 

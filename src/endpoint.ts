@@ -415,14 +415,14 @@ export abstract class Endpoint extends EventEmitter {
       return Promise.resolve(line);
     }
     if (this.closed) return Promise.reject(closedError(this.describe()));
-    if (signal?.aborted) return Promise.reject(abortedError(signal.reason));
+    if (signal?.aborted) return Promise.reject(waitAbortedError('readline()')(signal.reason));
     return new Promise((resolve, reject) => {
       const reader: Reader = { resolve, reject };
       if (signal) {
         const aborted = () => {
           const i = this.readers.indexOf(reader);
           if (i >= 0) this.readers.splice(i, 1);
-          reject(abortedError(signal.reason));
+          reject(waitAbortedError('readline()')(signal.reason));
         };
         signal.addEventListener('abort', aborted, { once: true });
         reader.resolve = (l) => {
@@ -712,6 +712,18 @@ export abstract class Endpoint extends EventEmitter {
    */
   setConsumer(consumer: Consumer | null): void {
     this.consumer = consumer;
+    if (!consumer) return;
+    // Messages held un-ACKed go to the consumer now, in their order; reading resumes.
+    const held = this.held.splice(0);
+    this.heldBytes = 0;
+    for (const h of held) this.onMessage(h.mid, h.payload, h.bytes);
+    if (this.stalledNow) this.setStalled(false);
+    this.unblock();
+  }
+
+  /** True while a consumer takes new messages (see setConsumer). */
+  get hasConsumer(): boolean {
+    return this.consumer !== null;
   }
 
   private onConsumed(mid: number, payload: string): void {
@@ -779,7 +791,8 @@ export abstract class Endpoint extends EventEmitter {
    */
   private onMessage(mid: number, payload: string, bytes: number): boolean {
     if (this.consumer) {
-      this.onConsumed(mid, payload);
+      if (payload === OVERSIZE) this.take(mid, payload, bytes); // ACKed and reported, never handed on
+      else this.onConsumed(mid, payload);
       return true;
     }
     if (this.held.length === 0 && this.hasRoom(bytes)) {

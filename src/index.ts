@@ -30,3 +30,5 @@ export { MqttBridge, BRIDGE_DEFAULTS } from './bridge';
 export type { BridgeOptions, BridgeStats, DeviceStatus } from './bridge';
 export { BrokerFleet } from './broker-fleet';
 export type { BrokerFleetOptions } from './broker-fleet';
+export { AppRunner, APP_RESTART_DEFAULTS, loadApp, parseJsonLine } from './apps';
+export type { AppContext, AppRestartOptions, AppState, AppStatus, DeviceContext, LoadedApp } from './apps';

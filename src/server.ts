@@ -63,6 +63,12 @@ export interface ServerOptions extends ConnectionOptions {
   tls?: TlsOptions | null;
   /** Device authentication by a secret in the ID line or a TLS client certificate. Default: off (any ID may connect, as the original). */
   auth?: AuthOptions | null;
+  /**
+   * ID lines may declare the device's type and metadata, `id##type##{json}`
+   * (and tether's clients their boot id, `{"boot": "…"}`). Off: `##` is part of
+   * the client ID, as with the original server. Default false.
+   */
+  idLineTypes?: boolean;
 }
 
 export const SERVER_DEFAULTS = {
@@ -77,6 +83,7 @@ export const SERVER_DEFAULTS = {
   maxStrikes: 10,
   strikeWindow: 60_000,
   blockFor: 60_000,
+  idLineTypes: false,
 } as const;
 
 /** Why links were turned away before reaching a Connection. */
@@ -100,21 +107,32 @@ export interface IdLine {
   meta?: Record<string, unknown>;
 }
 
+/** Which parts of tether's ID-line grammar are in use (each off: those characters belong to the ID, as with the original server). */
+export interface IdLineGrammar {
+  /** `id@secret`: on when device authentication is configured. */
+  secrets: boolean;
+  /** `id##type##{json}` (type may be empty when metadata follows): on with the idLineTypes option. */
+  types: boolean;
+}
+
 /**
  * Splits an ID line `id[@secret][##type[##{json}]]`: the client ID, the device's
- * secret (see auth.ts), its self-declared type and metadata. `@` and `##` are
- * therefore not part of a client ID.
+ * secret (see auth.ts), its self-declared type and metadata. Each part of the
+ * grammar applies only when its feature is in use (`grammar`); otherwise `@` and
+ * `##` are ordinary characters of the client ID, exactly as the original server
+ * reads them, so a board whose ID contains them keeps working.
  */
-export function parseIdLine(line: string): IdLine | { error: string } {
-  const at = line.indexOf('##');
-  const { id, secret } = splitSecret(at < 0 ? line : line.slice(0, at));
+export function parseIdLine(line: string, grammar: IdLineGrammar = { secrets: true, types: true }): IdLine | { error: string } {
+  const at = grammar.types ? line.indexOf('##') : -1;
+  const head = at < 0 ? line : line.slice(0, at);
+  const { id, secret } = grammar.secrets ? splitSecret(head) : { id: head, secret: null };
   if (!id) return { error: at < 0 ? 'empty client ID before "@"' : 'empty client ID before "##"' };
   if (secret === '') return { error: 'empty secret after "@"' };
   if (at < 0) return { id, secret };
   const rest = line.slice(at + 2);
   const at2 = rest.indexOf('##');
   const type = at2 < 0 ? rest : rest.slice(0, at2);
-  if (!type) return { error: 'empty type after "##"' };
+  if (!type && at2 < 0) return { error: 'empty type after "##"' };
   if (at2 < 0) return { id, secret, type };
   let meta: unknown;
   try {
@@ -123,7 +141,7 @@ export function parseIdLine(line: string): IdLine | { error: string } {
     return { error: `metadata is not valid JSON (${(e as Error).message})` };
   }
   if (!meta || typeof meta !== 'object' || Array.isArray(meta)) return { error: 'metadata must be a JSON object' };
-  return { id, secret, type, meta: meta as Record<string, unknown> };
+  return { id, secret, type: type || undefined, meta: meta as Record<string, unknown> };
 }
 
 export class Server extends EventEmitter {
@@ -162,6 +180,7 @@ export class Server extends EventEmitter {
   private readonly strikes: FailureTracker | null;
   private readonly maxStrikes: number;
   private readonly maxDevices: number;
+  private readonly grammar: IdLineGrammar;
   private closed = false;
   /** The journals, when persistence is on. */
   readonly store: FileStore | null;
@@ -217,6 +236,7 @@ export class Server extends EventEmitter {
     if (opts.tls && !TLS_CLIENT_CERTS.includes(opts.tls.clientCerts ?? 'off')) {
       throw new TetherError('ERR_BAD_CONFIG', `tls.clientCerts must be one of ${TLS_CLIENT_CERTS.join(', ')}, got ${JSON.stringify(opts.tls.clientCerts)}`);
     }
+    this.grammar = { secrets: !!opts.auth, types: opts.idLineTypes ?? SERVER_DEFAULTS.idLineTypes };
     if (opts.auth) {
       const a = opts.auth;
       const devices = new Map(Object.entries(a.devices ?? {}));
@@ -391,7 +411,8 @@ export class Server extends EventEmitter {
       link.close(msg);
       if (why === 'badId') throttledWarn(this.log, msg, { remote: link.remote, ...fields });
       else this.hitLimit(why === 'idTimeout' ? 'idTimeout' : 'maxIdLength', msg, { remote: link.remote, ...fields });
-      this.strike(link.address ?? link.remote, why);
+      // A socket that said nothing at all (a port monitor, a board whose WiFi dropped) is no violation.
+      if (size > 0) this.strike(link.address ?? link.remote, why);
     };
     const timer = setTimeout(
       () =>
@@ -436,8 +457,9 @@ export class Server extends EventEmitter {
       close: (reason) => {
         finish();
         this.handshakes.closedEarly++;
-        this.log.debug('link closed before its ID line', { remote: link.remote, reason });
-        this.strike(link.address ?? link.remote, 'closedEarly');
+        this.log.debug('link closed before its ID line', { remote: link.remote, reason, received: size });
+        // A bare connect and close is how health checks and port monitors probe: never a strike.
+        if (size > 0) this.strike(link.address ?? link.remote, 'closedEarly');
       },
       drain: () => {},
     });
@@ -449,7 +471,7 @@ export class Server extends EventEmitter {
    * metadata; the client ID is then the part before the first `##`.
    */
   attach(idLine: string, link: Link, rest?: Buffer): void {
-    const declared = parseIdLine(idLine);
+    const declared = parseIdLine(idLine, this.grammar);
     if ('error' in declared) {
       this.handshakes.badId++;
       link.close('bad ID line');
@@ -458,9 +480,6 @@ export class Server extends EventEmitter {
       return;
     }
     if (!this.auth) {
-      if (declared.secret !== null) {
-        throttledWarn(this.log, 'device sent a secret but auth is off: secret ignored', { id: declared.id, remote: link.remote, hint: 'add an "auth" section to the config to check secrets' });
-      }
       this.bind(declared, link, rest);
       return;
     }
@@ -582,7 +601,8 @@ export class Server extends EventEmitter {
     }
     conn.declare(declared.type, declared.meta); // a device may declare new metadata on every connect
     this.store?.declared(id, conn.declaredType, conn.meta);
-    conn.attach(link, rest);
+    const boot = declared.meta?.boot;
+    conn.attach(link, rest, typeof boot === 'string' && boot.length > 0 ? boot : undefined);
     this.emit('attach', conn, link);
   }
 

@@ -1,0 +1,111 @@
+/**
+ * Never down, never stuck (issue 13, items 1 and 2), against a real `tether
+ * serve` process: an app's failure costs only that app instance, which comes
+ * back; lines no app takes are accepted and shown; a device whose app stopped
+ * reading is reported as stalled instead of hanging silently.
+ */
+import test from 'ava';
+import * as path from 'node:path';
+import { Client } from '../src';
+import { PipelinePeer } from './helpers/pipeline-peer';
+import { serve } from './helpers/serve';
+import { eventually } from './helpers/wait';
+
+const FAULTY = path.join(__dirname, 'fixtures', 'faulty-app.ts');
+
+/** Reads lines from `c` until one satisfies `pred` (within `ms`). */
+async function readUntil(c: Client, pred: (line: string) => boolean, ms = 20_000): Promise<string> {
+  const deadline = AbortSignal.timeout(ms);
+  for (;;) {
+    const line = (await c.readline(deadline)).trimEnd();
+    if (pred(line)) return line;
+  }
+}
+
+test('an app failure of any kind costs that app instance only: logged, counted, restarted; the server and other devices carry on', async (t) => {
+  const s = await serve(t, {
+    apps: [{ script: FAULTY, clients: '*' }],
+    appRestart: { initialDelay: 100, maxDelay: 400, resetAfter: 60_000 },
+  });
+  const client = (id: string) => {
+    const c = new Client({ id, port: s.port });
+    t.teardown(() => c.close());
+    return c;
+  };
+  const victim = client('victim');
+  await victim.connect();
+  t.is(await readUntil(victim, (l) => l.startsWith('start')), 'start 1');
+
+  // Bystanders keep talking to their own instances the whole time.
+  const stop = new AbortController();
+  const bystanders = ['b0', 'b1', 'b2', 'b3'].map(client);
+  await Promise.all(bystanders.map((b) => b.connect()));
+  const echoed = new Map<string, number>();
+  const talk = bystanders.map(async (b) => {
+    await readUntil(b, (l) => l === 'start 1');
+    for (let k = 0; !stop.signal.aborted; k++) {
+      await b.write(`ping-${k}`);
+      await readUntil(b, (l) => l === `echo ping-${k}`);
+      echoed.set(b.id, k + 1);
+    }
+  });
+
+  const kinds = ['throw', 'json', 'reject', 'timer'];
+  for (let i = 0; i < kinds.length; i++) {
+    await victim.write(kinds[i]);
+    t.is(await readUntil(victim, (l) => l.startsWith('start')), `start ${i + 2}`, `after "${kinds[i]}" the app came back`);
+  }
+  await victim.write('still there?');
+  t.is(await readUntil(victim, (l) => l.startsWith('echo')), 'echo still there?');
+
+  stop.abort();
+  await Promise.all(talk);
+  t.true(s.alive(), 'the server is still running');
+  for (const b of bystanders) {
+    t.is(b.counters.outages, 0, `${b.id} never lost its link`);
+    t.true((echoed.get(b.id) ?? 0) > 0, `${b.id} was served throughout`);
+  }
+  const failures = s.output().match(/app failed.*client=victim/g) ?? [];
+  t.is(failures.length, kinds.length, 'each failure logged once, with the client ID');
+  t.regex(s.output(), /how="unhandled promise rejection"|how=unhandled promise rejection/);
+  t.regex(s.output(), /uncaught exception/);
+  const detail = await s.api('/api/devices/victim');
+  t.like(detail.device.apps[0], { app: 'faulty-app', state: 'running', failures: kinds.length });
+  t.regex(detail.device.apps[0].lastError, /SyntaxError|Error/);
+  t.true(detail.device.stalled === false);
+});
+
+test('lines no app takes are accepted (ACKed) and shown: boards of the original client never hang', async (t) => {
+  const s = await serve(t, { apps: [] });
+  // Stop-and-wait qos, as the original client writes: each line waits for its ACK.
+  const peers = await Promise.all(
+    Array.from({ length: 20 }, (_, i) => PipelinePeer.connect(s.port, `board-${i}`, { window: 1, timeout: 2000, count: 100 })),
+  );
+  t.teardown(() => peers.forEach((p) => p.close()));
+  await Promise.all(peers.map((p) => p.finished));
+  t.is(peers.reduce((a, p) => a + p.stats.retransmits, 0), 0);
+  const detail = await s.api('/api/devices/board-7');
+  t.is(detail.device.counters.messagesIn, 100);
+  t.is(detail.device.buffered, 0, 'nothing piles up');
+  t.true(detail.recent.some((r: { line: string }) => r.line.includes('board-7-99')), 'the last line is among the recent lines');
+});
+
+test('a device whose app stopped reading is reported stalled (log, API), not left hanging silently', async (t) => {
+  const s = await serve(t, { apps: [{ script: FAULTY, clients: '*' }], rxBuffer: 8, stallAfter: 500 });
+  const c = new Client({ id: 'sleepy', port: s.port });
+  t.teardown(() => c.close());
+  await c.connect();
+  await readUntil(c, (l) => l === 'start 1');
+  await c.write('hang');
+  // The original client writes with qos and waits for each ACK: 8 buffered + 1 held, then no ACK.
+  const writes: Promise<void>[] = [];
+  for (let i = 0; i < 12; i++) writes.push(c.write(`reading ${i}`));
+  writes.forEach((w) => w.catch(() => {}));
+  await eventually(() => /stalled: nobody is reading.*client=sleepy/.test(s.output()), 20_000, 'a warning names the device');
+  const detail = await s.api('/api/devices/sleepy');
+  t.true(detail.device.stalled, 'the API says it is stalled');
+  t.is(detail.device.buffered, 8);
+  t.true(detail.device.held >= 1);
+  t.is(detail.device.counters.stalls, 1);
+  t.true(s.alive());
+});
