@@ -7,6 +7,7 @@
  * IDs or globs with `*` and `?`), else null.
  */
 import { EventEmitter, setMaxListeners } from 'node:events';
+import type { AppStatus } from './apps';
 import type { Connection } from './connection';
 import { checkInt, Counters } from './endpoint';
 import { lineTooLongForLink, TetherError, TetherErrorCode } from './errors';
@@ -29,6 +30,13 @@ export interface DeviceInfo {
   counters: Counters;
   /** Latest value of each telemetry name. */
   telemetry: Record<string, Sample>;
+  /** Received lines waiting for the app, and messages held un-ACKed behind them. */
+  buffered: number;
+  held: number;
+  /** The receive buffer is full and nothing has been read for a while: nobody is reading this device. */
+  stalled: boolean;
+  /** The app instances serving this device (empty without apps: its lines are accepted and shown). */
+  apps: AppStatus[];
 }
 
 export interface SendOptions {
@@ -116,6 +124,7 @@ export function globMatcher(pattern: string): (id: string) => boolean {
 
 export class Fleet extends EventEmitter {
   private readonly matchers: Array<{ type: string; match: (id: string) => boolean }> = [];
+  private appStatus: (id: string) => AppStatus[] = () => [];
   readonly maxPendingSends: number;
   readonly maxPendingBytes: number;
   private heldSends = 0;
@@ -146,6 +155,17 @@ export class Fleet extends EventEmitter {
     }
     for (const c of server.connections()) this.watch(c);
     server.on('connection', (c: Connection) => this.watch(c));
+  }
+
+  /** Used by the AppRunner: where describe() finds the app instances of a device. */
+  setAppStatus(lookup: (id: string) => AppStatus[]): void {
+    this.appStatus = lookup;
+  }
+
+  /** Used by the AppRunner: an app instance of `id` changed state (emits `app`). */
+  appChanged(id: string, status: AppStatus): void {
+    const c = this.server.get(id);
+    if (c) this.fire('app', c, status);
   }
 
   /** The device's type: declared in its ID line, else from the configured patterns, else null. */
@@ -327,6 +347,10 @@ export class Fleet extends EventEmitter {
       lastSeen: c.lastSeen || null,
       counters: { ...c.counters },
       telemetry: c.telemetry.snapshot(),
+      buffered: c.buffered,
+      held: c.heldMessages,
+      stalled: c.stalled,
+      apps: this.appStatus(c.id),
     };
   }
 
@@ -347,6 +371,7 @@ export class Fleet extends EventEmitter {
     c.on('down', (reason: string) => this.fire('disconnect', c, reason));
     c.on('line', (line: string) => this.fire('message', c, line.trimEnd()));
     c.on('telemetry', (name: string, value: unknown, t: number) => this.fire('telemetry', c, name, value, t));
+    c.on('stalled', (on: boolean) => this.fire('stalled', c, on));
     // A Connection is created on its first link: report that first connect too.
     if (c.isUp) this.fire('connect', c);
   }
