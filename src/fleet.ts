@@ -87,7 +87,7 @@ export class FleetBusyError extends TetherError {
     readonly held: { sends: number; bytes: number },
     readonly limits: { maxPendingSends: number; maxPendingBytes: number },
   ) {
-    const mb = (b: number) => `${(b / 2 ** 20).toFixed(1)} MiB`;
+    const mb = (b: number) => (b < 1024 ? `${b} bytes` : b < 2 ** 20 ? `${(b / 1024).toFixed(1)} KiB` : `${(b / 2 ** 20).toFixed(1)} MiB`);
     const which =
       held.sends + wanted.sends > limits.maxPendingSends
         ? `${held.sends} sends are waiting for devices and this one needs ${wanted.sends} more (maxPendingSends ${limits.maxPendingSends})`

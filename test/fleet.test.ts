@@ -5,10 +5,11 @@
  */
 import test, { ExecutionContext } from 'ava';
 import { once } from 'node:events';
+import * as net from 'node:net';
 import { AppRunner, LoadedApp } from '../src/apps';
 import { Client } from '../src/client';
 import type { Connection } from '../src/connection';
-import { DeviceInfo, Fleet, globMatcher } from '../src/fleet';
+import { DeviceInfo, FANOUT_SLICE, Fleet, FleetBusyError, globMatcher } from '../src/fleet';
 import { silentLogger } from '../src/log';
 import { Server } from '../src/server';
 import { RawPeer } from './helpers/raw';
@@ -234,4 +235,125 @@ test('an app bound to a type runs for matching devices only, declared or configu
   // Every device above has its Connection now, and the runner decides synchronously when one appears.
   t.deepEqual(started.sort(), ['lamp-1', 'lamp-early', 'x']);
   t.throws(() => new AppRunner(server, silentLogger).add(app), { message: /needs the fleet/ });
+});
+
+// ---- bounded sends (issue 14 item 5) ------------------------------------------------
+
+/** Devices that connected once and are down now (their Connections exist): raw sockets that say their ID and leave. */
+async function downDevices(server: Server, ids: string[]): Promise<void> {
+  for (let i = 0; i < ids.length; i += 100) {
+    const batch = ids.slice(i, i + 100);
+    await Promise.all(
+      batch.map(
+        (id) =>
+          new Promise<void>((resolve, reject) => {
+            const s = net.connect({ host: '127.0.0.1', port: server.port }, () => s.write(id + '\n'));
+            s.once('data', () => s.destroy()); // the server's greeting: the link was attached
+            s.once('close', () => resolve());
+            s.once('error', reject);
+          }),
+      ),
+    );
+    await waitFor('a batch of devices to be down', () => batch.every((id) => server.get(id)?.state === 'down'));
+  }
+}
+
+/** A device that comes back on a raw socket and ACKs every message; resolves with the first `n` payloads it got. */
+async function comeBackAndRead(server: Server, id: string, n: number): Promise<string[]> {
+  const peer = await RawPeer.hello(server.port, id, '\n'); // a keepalive: the server sends messages once the device has spoken
+  const got: string[] = [];
+  try {
+    while (got.length < n) {
+      const { line } = await peer.next(10_000);
+      got.push(line.slice(2));
+      peer.send(line.slice(0, 2) + '\n');
+    }
+  } finally {
+    peer.close();
+  }
+  return got;
+}
+
+test('sends are bounded by what they hold: past maxPendingSends a broadcast is refused whole (ERR_BUSY), a send fails with that code; outcomes give the shares back', async (t) => {
+  const server = await Server.listen({ host: '127.0.0.1', port: 0, timeout: T, settleDelay: 0, logger: silentLogger });
+  t.teardown(() => server.close());
+  const fleet = new Fleet(server, {}, { maxPendingSends: 10 });
+  const ids = ['d0', 'd1', 'd2', 'd3'];
+  await downDevices(server, ids);
+
+  const first = fleet.sendAll('one', { timeout: 60_000 });
+  const second = fleet.sendAll('two', { timeout: 60_000 });
+  t.deepEqual(fleet.pendingSends, { sends: 8, bytes: 24 }, 'a broadcast holds one send per device');
+  const err = await t.throwsAsync(fleet.sendAll('three', { timeout: 60_000 }), { instanceOf: FleetBusyError });
+  t.is(err!.code, 'ERR_BUSY');
+  t.regex(err!.message, /nothing was sent: 8 sends are waiting for devices and this one needs 4 more \(maxPendingSends 10\)\. Retry once some are answered/);
+  t.deepEqual(fleet.pendingSends, { sends: 8, bytes: 24 });
+  for (const id of ids) t.is(server.get(id)!.queuedWrites, 2, `${id}: nothing of the refused broadcast was queued`);
+
+  const fits = [fleet.send('d0', 'x', { timeout: 60_000 }), fleet.send('d1', 'y', { timeout: 60_000 })];
+  const busy = await fleet.send('d2', 'z');
+  t.is(busy.status, 'failed', 'send() never throws: busy is an outcome');
+  t.is(busy.code, 'ERR_BUSY');
+  t.regex(busy.error!, /10 sends are waiting for devices and this one needs 1 more/);
+  t.deepEqual(fleet.pendingSends, { sends: 10, bytes: 26 });
+
+  // The devices come back: everything admitted arrives, in call order, and the shares are free again.
+  const got = await Promise.all(ids.map((id) => comeBackAndRead(server, id, id === 'd0' || id === 'd1' ? 3 : 2)));
+  t.deepEqual(got, [['one', 'two', 'x'], ['one', 'two', 'y'], ['one', 'two'], ['one', 'two']]);
+  const outcomes = [...(await first), ...(await second), ...(await Promise.all(fits))];
+  t.true(outcomes.every((o) => o.status === 'delivered'), JSON.stringify(outcomes));
+  t.deepEqual(fleet.pendingSends, { sends: 0, bytes: 0 });
+  const again = await fleet.sendAll('four', { timeout: 100 });
+  t.is(again.length, 4, 'admitted again once the shares were given back');
+  t.deepEqual(fleet.pendingSends, { sends: 0, bytes: 0 }, 'a timeout gives the share back too');
+});
+
+test('sends are bounded by bytes too (maxPendingBytes, counted per device); the options are validated', async (t) => {
+  const server = await Server.listen({ host: '127.0.0.1', port: 0, timeout: T, settleDelay: 0, logger: silentLogger });
+  t.teardown(() => server.close());
+  const fleet = new Fleet(server, {}, { maxPendingBytes: 2048 });
+  await downDevices(server, ['b0', 'b1', 'b2', 'b3']);
+  const line = 'L'.repeat(600);
+  await t.throwsAsync(fleet.sendAll(line), {
+    instanceOf: FleetBusyError,
+    message: /nothing was sent: 0 bytes of lines are waiting for devices and this one needs 2\.3 KiB more \(maxPendingBytes 2\.0 KiB\)/,
+  });
+  t.deepEqual(fleet.pendingSends, { sends: 0, bytes: 0 });
+  const three = fleet.sendType('nothing', line); // no device: nothing to hold
+  t.deepEqual(await three, []);
+  const one = fleet.send('b0', line, { timeout: 200 });
+  t.deepEqual(fleet.pendingSends, { sends: 1, bytes: 600 });
+  t.is((await one).code, 'ERR_ABORTED');
+  t.deepEqual(fleet.pendingSends, { sends: 0, bytes: 0 });
+
+  t.throws(() => new Fleet(server, {}, { maxPendingSends: 0 }), { message: /option maxPendingSends must be an integer from 1/ });
+  t.throws(() => new Fleet(server, {}, { maxPendingBytes: 1.5 }), { message: /option maxPendingBytes must be an integer from 1024/ });
+  await t.throwsAsync(fleet.sendAll('x', { timeout: -1 }), { message: /option timeout must be an integer from 1 to 2147483647/ });
+  await t.throwsAsync(fleet.send('b0', 'x', { timeout: Infinity }), { message: /option timeout must be an integer/ });
+});
+
+test('a broadcast to a big fleet is addressed in slices, in call order: a later send to a device comes after the broadcast', async (t) => {
+  const server = await Server.listen({ host: '127.0.0.1', port: 0, timeout: T, settleDelay: 0, logger: silentLogger });
+  t.teardown(() => server.close());
+  const fleet = new Fleet(server);
+  const n = FANOUT_SLICE + 200;
+  const ids = Array.from({ length: n }, (_, i) => `dev-${i}`);
+  await downDevices(server, ids);
+  const last = ids[n - 1];
+
+  const all = fleet.sendAll('A', { timeout: 60_000 });
+  // The first slice is addressed at once, the rest in later turns of the event loop.
+  t.is(server.get(ids[0])!.queuedWrites, 1);
+  t.is(server.get(last)!.queuedWrites, 0, 'beyond the first slice: not addressed yet');
+  t.deepEqual(fleet.pendingSends, { sends: n, bytes: n }, 'but its share is held from the call');
+  const single = fleet.send(last, 'B', { timeout: 60_000 });
+  t.deepEqual(await comeBackAndRead(server, last, 2), ['A', 'B'], 'the broadcast first, then the send, as they were called');
+  t.is((await single).status, 'delivered');
+  await waitFor('every device to be addressed', () => ids.every((id) => server.get(id)!.queuedWrites + server.get(id)!.inFlight >= (id === last ? 0 : 1)));
+  for (const c of server.connections()) c.close(); // the rest stay down: their writes end with the Connections
+  const outcomes = await all;
+  t.is(outcomes.length, n);
+  t.is(outcomes.find((o) => o.id === last)!.status, 'delivered');
+  t.is(outcomes.filter((o) => o.status === 'failed' && o.code === 'ERR_CLOSED').length, n - 1);
+  t.deepEqual(fleet.pendingSends, { sends: 0, bytes: 0 });
 });
