@@ -3,6 +3,7 @@
  * tests and Linux boards. Same behaviour as the original MicroPython client,
  * except that a refused first connect is retried with backoff instead of giving up.
  */
+import { nanoid } from 'nanoid';
 import * as net from 'node:net';
 import * as tls from 'node:tls';
 import { checkSecret } from './auth';
@@ -29,6 +30,14 @@ export interface ClientOptions extends EndpointOptions {
   failover?: number;
   /** The device's secret when the server checks them (sent as `id@secret` in the ID line). Default: none. */
   secret?: string;
+  /**
+   * Announce a boot id (random, one per Client object) in the ID line as
+   * `id##type##{"boot": "…"}`, so a tether server with `idLineTypes` on can tell
+   * a resend of this client's first message (mid 0) from a restart even across
+   * links. Only for tether servers with idLineTypes: any other server would
+   * take the whole line as the client ID. Default false.
+   */
+  announceBoot?: boolean;
   /**
    * Connect with TLS: true (verify the server against the system CAs), or Node
    * `tls.connect` options (`ca` to trust your own CA, `cert`/`key` for a client
@@ -79,9 +88,10 @@ export class Client extends Endpoint {
     super({ ...opts, logger: opts.logger?.child({ device: opts.id }) });
     this.id = opts.id;
     if (opts.secret !== undefined) checkSecret(opts.secret);
-    const typeAt = opts.id.indexOf('##');
+    const announced = opts.announceBoot ? withBootId(opts.id, nanoid(10)) : opts.id;
+    const typeAt = announced.indexOf('##');
     this.idLine =
-      opts.secret === undefined ? opts.id : typeAt < 0 ? `${opts.id}@${opts.secret}` : `${opts.id.slice(0, typeAt)}@${opts.secret}${opts.id.slice(typeAt)}`;
+      opts.secret === undefined ? announced : typeAt < 0 ? `${announced}@${opts.secret}` : `${announced.slice(0, typeAt)}@${opts.secret}${announced.slice(typeAt)}`;
     this.tlsOpts = opts.tls === true ? {} : opts.tls || null;
     const defaultPort = opts.port ?? 8123;
     const list = opts.servers && opts.servers.length > 0 ? opts.servers : [{ host: opts.host ?? '127.0.0.1', port: defaultPort }];
@@ -227,4 +237,18 @@ function parseServer(s: string | { host: string; port?: number }, defaultPort: n
     }
   }
   throw new TetherError('ERR_BAD_CONFIG', `servers: ${JSON.stringify(s)} is not "host:port" or { "host": "…", "port": 8123 }`);
+}
+
+/** `id[##type[##{json}]]` with `"boot": boot` added to its metadata. */
+export function withBootId(idLine: string, boot: string): string {
+  const [id, type = '', json] = idLine.split('##');
+  let meta: Record<string, unknown> = {};
+  if (json !== undefined) {
+    try {
+      meta = JSON.parse(json) as Record<string, unknown>;
+    } catch {
+      throw new TetherError('ERR_BAD_CONFIG', `the metadata in client id ${JSON.stringify(idLine)} is not JSON: write it as id##type##{"key": "value"}`);
+    }
+  }
+  return `${id}##${type}##${JSON.stringify({ ...meta, boot })}`;
 }

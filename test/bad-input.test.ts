@@ -318,13 +318,15 @@ test.serial('an ID not on the allow-list: closed, counted, logged', async (t) =>
   await f.finishGood();
 });
 
-test.serial('a line longer than maxLineLength after the ID: dropped, counted, link stays up', async (t) => {
+test.serial('a line longer than maxLineLength after the ID: ACKed but not delivered (reported as oversize), counted, link stays up', async (t) => {
   const max = 512;
   const f = await setup(t, { maxLineLength: max });
   const r = await f.raw();
   await r.send('longline\n\n');
   r.keepalive();
   const conn = await within(f.server.clientConn('longline'), 5000, 'the Connection');
+  const oversize: number[] = [];
+  conn.on('oversize', (mid: number) => oversize.push(mid));
   await r.send('00first\n');
   t.is(await within(conn.readline(), 5000, 'first'), 'first\n');
   // The long line, streamed in pieces that each fit but together do not.
@@ -337,13 +339,14 @@ test.serial('a line longer than maxLineLength after the ID: dropped, counted, li
   t.is(await within(conn.readline(), 5000, 'edge'), 'y'.repeat(max - 2) + '\n');
   t.is(await within(conn.readline(), 5000, 'after'), 'after\n', 'the line after the long one is delivered next');
   await until(() => r.nonKeepalive.includes('03'), 'the ACK of 03');
-  t.deepEqual(r.nonKeepalive, ['00', '02', '03'], 'everything ACKed except the long line');
+  t.deepEqual(r.nonKeepalive, ['00', '01', '02', '03'], 'the long message is ACKed too, so the sender goes on');
+  t.deepEqual(oversize, [1], 'and reported to the app instead of delivered');
   t.is(conn.counters.longLines, 1);
   t.is(conn.counters.badLines, 0);
   t.is(conn.counters.messagesIn, 3);
   t.true(conn.isUp);
   t.is(conn.counters.outages, 0);
-  const recs = f.logged('dropped a line longer than maxLineLength', { client: 'longline' });
+  const recs = f.logged('a line longer than maxLineLength was dropped', { client: 'longline' });
   t.is(recs.length, 1);
   t.is(recs[0].maxLineLength, max);
   t.is(recs[0].level, 'warn');

@@ -160,3 +160,17 @@ test('a paused link never causes a spurious retransmission: the ACK of a server 
   t.is(conn.counters.retransmits, 0, 'the command was sent once');
   t.false(p.untaken().some((l) => l === '00relay on'), 'the board never saw it twice');
 });
+
+test("tether's Node client can announce a boot id; the server reads it when idLineTypes is on", async (t) => {
+  const server = await start(t, { idLineTypes: true });
+  const { Client } = await import('../src');
+  const c = new Client({ id: 'linux-board##gw', port: server.port, timeout: TIMEOUT, announceBoot: true });
+  t.teardown(() => c.close());
+  await c.connect();
+  const conn = await server.clientConn('linux-board');
+  t.is(conn.declaredType, 'gw');
+  t.regex(String(conn.meta.boot), /^[\w-]{10}$/);
+  const { withBootId } = await import('../src/client');
+  t.is(withBootId('a', 'B'), 'a####{"boot":"B"}');
+  t.is(withBootId('a##t##{"room":"hall"}', 'B'), 'a##t##{"room":"hall","boot":"B"}');
+});

@@ -27,6 +27,7 @@ async function start(t: ExecutionContext, opts: ServerOptions = {}): Promise<{ s
     host: '127.0.0.1',
     port: 0,
     timeout: TIMEOUT,
+    idLineTypes: true,
     logger: createLogger({ level: 'debug', sink: (r) => logs.push(r) }),
     ...opts,
   });
@@ -70,6 +71,11 @@ test('parseIdLine: id@secret##type##{json}; the secret never becomes part of the
   t.deepEqual(parseIdLine('lamp-1##lamp'), { id: 'lamp-1', secret: null, type: 'lamp' });
   t.like(parseIdLine('@secret'), { error: 'empty client ID before "@"' });
   t.like(parseIdLine('lamp@'), { error: 'empty secret after "@"' });
+  // Without auth and idLineTypes, "@" and "##" are characters of the ID, as for the original server.
+  const plain = { secrets: false, types: false };
+  t.deepEqual(parseIdLine('dev@1', plain), { id: 'dev@1', secret: null });
+  t.deepEqual(parseIdLine('a##b##{"x":1}', plain), { id: 'a##b##{"x":1}', secret: null });
+  t.deepEqual(parseIdLine('dev@s3cret##lamp', { secrets: false, types: true }), { id: 'dev@s3cret', secret: null, type: 'lamp' });
 });
 
 test('hashes: sha256 and scrypt verify the right secret only; stored hashes differ per salt', async (t) => {
@@ -192,12 +198,12 @@ test('auth: an address that keeps failing is blocked for blockFor, other address
   await ok;
 });
 
-test('auth off: plain IDs work as in the original; a secret sent anyway is stripped from the ID and a warning logged', async (t) => {
-  const { server, logs } = await start(t);
+test('auth off: IDs mean what they meant to the original server, "@" included (dev@1 and dev@2 are two devices)', async (t) => {
+  const { server } = await start(t);
   const c = client(t, server.port, 'lamp-1', { secret: SECRET_A });
   await c.connect();
-  t.truthy(server.get('lamp-1'));
-  t.true(logs.some((r) => r.msg === 'device sent a secret but auth is off: secret ignored'));
+  t.truthy(server.get(`lamp-1@${SECRET_A}`), 'without auth the whole line is the ID, as with the original');
+  t.falsy(server.get('lamp-1'));
   const plain = client(t, server.port, 'lamp-3');
   await plain.connect();
   t.truthy(server.get('lamp-3'));
