@@ -5,7 +5,8 @@
  */
 import test, { ExecutionContext } from 'ava';
 import * as net from 'node:net';
-import { Connection, Server, ServerOptions, silentLogger } from '../src';
+import { Client, Connection, Server, ServerOptions, silentLogger } from '../src';
+import { withBootId } from '../src/client';
 import { eventually, RawPeer } from './helpers/raw';
 
 const TIMEOUT = 1000;
@@ -163,14 +164,12 @@ test('a paused link never causes a spurious retransmission: the ACK of a server 
 
 test("tether's Node client can announce a boot id; the server reads it when idLineTypes is on", async (t) => {
   const server = await start(t, { idLineTypes: true });
-  const { Client } = await import('../src');
   const c = new Client({ id: 'linux-board##gw', port: server.port, timeout: TIMEOUT, announceBoot: true });
   t.teardown(() => c.close());
   await c.connect();
   const conn = await server.clientConn('linux-board');
   t.is(conn.declaredType, 'gw');
   t.regex(String(conn.meta.boot), /^[\w-]{10}$/);
-  const { withBootId } = await import('../src/client');
   t.is(withBootId('a', 'B'), 'a####{"boot":"B"}');
   t.is(withBootId('a##t##{"room":"hall"}', 'B'), 'a##t##{"room":"hall","boot":"B"}');
 });
