@@ -19,7 +19,7 @@ const T = 1000;
 const bounded = () => ({ signal: AbortSignal.timeout(10_000) });
 
 async function setup(t: ExecutionContext, types: Record<string, string[]> = {}) {
-  const server = await Server.listen({ host: '127.0.0.1', port: 0, timeout: T, settleDelay: 0, logger: silentLogger });
+  const server = await Server.listen({ host: '127.0.0.1', port: 0, timeout: T, settleDelay: 0, idLineTypes: true, logger: silentLogger });
   const fleet = new Fleet(server, types);
   t.teardown(() => server.close());
   /** A Node device, connected; `idLine` may carry ##type##{json}. */
