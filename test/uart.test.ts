@@ -5,7 +5,7 @@
  */
 import test, { ExecutionContext } from 'ava';
 import * as path from 'node:path';
-import { Client, Connection, Server, silentLogger, TetherError } from '../src';
+import { Client, Connection, Fleet, HttpApi, Server, silentLogger, TetherError } from '../src';
 import type { DeviceFn } from '../src/apps';
 import { MeshRootEmulator, MeshRootEmulatorOptions } from '../src/emulator';
 import { encodeFrame, Op, rootBody } from '../src/protocol/frames';
@@ -13,6 +13,7 @@ import { DataTypeTable } from '../src/telemetry';
 import { MeshCommandError, MeshOptions, MeshTransport } from '../src/transports/uart';
 import { PtyPair } from './helpers/pty-pair';
 import { eventually } from './helpers/raw';
+import { within } from './helpers/wait';
 
 const T = 600;
 const TABLE = DataTypeTable.load(path.join(__dirname, '..', 'examples', 'data-types.json'));
@@ -221,4 +222,77 @@ test('root commands: S resolves, F rejects with the root text, silence times out
   await mesh.broadcast('\n');
   t.true(mesh.stats.resultsFailed >= 1);
   t.true(mesh.stats.resultsTimedOut >= 1);
+});
+
+// ---- lines longer than one frame (issue 14 item 13) -----------------------------------
+
+/** A node that records every line it receives. */
+function recorder(got: string[]): DeviceFn {
+  return async (client: Client) => {
+    for await (const line of client) got.push(line.trimEnd());
+  };
+}
+
+test('a line too long for one mesh frame is refused up front (ERR_LINE_TOO_LONG, HTTP 413) with the limit in the message; the node is not wedged', async (t) => {
+  const { server, mesh, emu } = await rig(t);
+  const fleet = new Fleet(server);
+  const api = new HttpApi({ server, fleet, host: '127.0.0.1', port: 0, logger: silentLogger });
+  await api.listen();
+  t.teardown(() => api.close());
+  const got: string[] = [];
+  emu.addNode('long-1', recorder(got));
+  const conn = await server.clientConn('long-1');
+  t.is(mesh.maxLineLength, 4088, 'maxFrame 4096 less the command, the address and the newline');
+
+  const fits = 'a'.repeat(mesh.maxLineLength - 2); // with its 2-digit id: exactly one full frame
+  t.deepEqual(await fleet.send('long-1', fits), { id: 'long-1', status: 'delivered' });
+  const refused = await fleet.send('long-1', fits + 'b');
+  t.is(refused.status, 'failed');
+  t.is(refused.code, 'ERR_LINE_TOO_LONG');
+  t.regex(
+    refused.error!,
+    /^line too long for this device's link \(mesh:0x0001\): 4089 bytes with its 2-digit id, the link carries at most 4088 in one frame\. Shorten it, or split it into lines of at most 4086 bytes/,
+  );
+  t.is((await fleet.send('long-1', '€'.repeat(1363))).status, 'failed', 'bytes count, not characters (1363 × 3 + 2 > 4088)');
+  t.is((await fleet.sendAll(fits + 'b'))[0].code, 'ERR_LINE_TOO_LONG', 'a broadcast reports it per device');
+
+  const post = (line: string) =>
+    fetch(`http://127.0.0.1:${api.port}/api/devices/long-1/messages`, { method: 'POST', headers: { 'Content-Type': 'application/json' }, body: JSON.stringify({ line }) });
+  const r = await post(fits + 'b');
+  t.is(r.status, 413);
+  t.regex(((await r.json()) as { error: string }).error, /the link carries at most 4088 in one frame/);
+  t.is((await post('over http')).status, 200);
+
+  // Nothing oversized went out, nothing is stuck: the next line goes through at once.
+  t.deepEqual(await within(fleet.send('long-1', 'after'), 10_000, 'a short line after the refusals'), { id: 'long-1', status: 'delivered' });
+  await eventually(() => got.includes('after'), 5000, 'the node to get it');
+  t.deepEqual(got, [fits, 'over http', 'after']);
+  t.is(mesh.stats.oversizedOut, 0);
+  t.is(emu.decoderStats.oversized, 0, 'the root never saw an oversized frame');
+  t.is(conn.counters.retransmits, 0);
+  t.is(conn.counters.outages, 0);
+});
+
+test('maxFrame is validated and sets the line limit of the node links', (t) => {
+  const server = new Server({ timeout: T, logger: silentLogger });
+  t.is(new MeshTransport(server, { path: '/dev/null', maxFrame: 1024 }).maxLineLength, 1016);
+  t.throws(() => new MeshTransport(server, { path: '/dev/null', maxFrame: 8 }), { message: /"maxFrame" must be an integer from 16 to 1048576/ });
+  t.throws(() => new MeshTransport(server, { path: '/dev/null', maxFrame: 4096.5 }), { message: /"maxFrame" must be an integer/ });
+});
+
+// Known gap until the Endpoint applies the link's maxLineLength to write() (requested from the
+// owner of src/endpoint.ts): a Connection's own write() of an oversized line is not refused; the
+// transport keeps it off the serial line (stats.oversizedOut) but the write never completes.
+// When the hook lands this test passes: turn test.failing into test.
+test.failing('conn.write() itself refuses a line too long for a mesh frame, and the next write goes through', async (t) => {
+  const { server, mesh, emu } = await rig(t);
+  const got: string[] = [];
+  emu.addNode('long-2', recorder(got));
+  const conn = await server.clientConn('long-2');
+  const tooLong = 'a'.repeat(mesh.maxLineLength - 1);
+  const err = await t.throwsAsync(within(conn.write(tooLong), 3000, 'the oversized write to be refused'));
+  t.is((err as TetherError).code, 'ERR_LINE_TOO_LONG');
+  await within(conn.write('after'), 5000, 'the next write');
+  t.deepEqual(got, ['after']);
+  t.is(mesh.stats.oversizedOut, 0);
 });
