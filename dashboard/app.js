@@ -1,11 +1,15 @@
 /*
  * tether fleet dashboard. Plain browser JavaScript, no build step.
  *
- * Data flow: the WebSocket /ws sends INIT (the filtered, sorted device list),
- * UPDT (devices that changed) and MSG (lines of the selected device). The table
- * is rebuilt only on INIT; UPDT changes are collected per device id and written
- * into the existing rows once per animation frame, touching only the cells whose
- * text changed. Filtering and sorting are done by the server (FILT).
+ * Data flow: the WebSocket /ws sends INIT (the first page of the filtered, sorted
+ * device list, with the count of all that match), PAGE (the next page, after a
+ * MORE), UPDT (devices shown that changed) and MSG (lines of the selected
+ * device). The table is rebuilt only on INIT; PAGE rows are added; UPDT changes
+ * are collected per device id and written into the existing rows once per
+ * animation frame, touching only the cells whose text changed. Filtering and
+ * sorting are done by the server (FILT). Pages are loaded by themselves up to
+ * AUTO_ROWS rows; beyond, when the end of the table comes into view or on
+ * "Show more", so a fleet of 100,000 never arrives in one message.
  */
 'use strict';
 (function () {
@@ -16,6 +20,7 @@
   const MAX_POINTS = 2000; // chart points kept
   const TOKEN_KEY = 'tether.token';
   const CHART_HEIGHT = 200;
+  const AUTO_ROWS = 2000; // pages loaded without asking; beyond, the end of the table or "Show more" loads the next
 
   const el = {
     wsState: $('ws-state'),
@@ -29,6 +34,9 @@
     rows: $('rows'),
     empty: $('empty'),
     table: document.querySelector('table.devices'),
+    more: $('more'),
+    moreButton: $('more-button'),
+    moreNote: $('more-note'),
     device: $('device'),
     dvTitle: $('device-title'),
     dvId: $('dv-id'),
@@ -57,6 +65,10 @@
   const types = new Set();
   const filter = { type: '', status: '', q: '', sort: 'id', dir: 'asc' };
   let userFiltered = false;
+  /** Devices matching the filter on the server, whether all of them are in the table, and whether a page is on its way. */
+  let total = 0;
+  let complete = true;
+  let loadingMore = false;
 
   // ---------------------------------------------------------------- formatting
 
@@ -283,9 +295,60 @@
   }
 
   function afterRowsChanged() {
-    el.count.textContent = String(order.length);
+    el.count.textContent = complete ? String(order.length) : order.length + ' of ' + Math.max(total, order.length);
     el.empty.hidden = order.length > 0;
+    el.more.hidden = complete;
+    if (!complete) {
+      el.moreButton.disabled = loadingMore;
+      el.moreNote.textContent = loadingMore ? 'loading…' : order.length + ' of ' + Math.max(total, order.length) + ' devices shown';
+    }
     refreshTypeOptions();
+  }
+
+  // ---------------------------------------------------------------- pages
+
+  function requestMore() {
+    if (complete || loadingMore || !ws || ws.readyState !== WebSocket.OPEN) return;
+    loadingMore = true;
+    send({ t: 'MORE' });
+    afterRowsChanged();
+  }
+
+  /** The next page loads by itself while the table is short, or once its end is in view. */
+  function maybeLoadMore() {
+    if (complete || loadingMore) return;
+    if (order.length < AUTO_ROWS || moreInView) requestMore();
+  }
+
+  let moreInView = false;
+  if (typeof IntersectionObserver === 'function') {
+    new IntersectionObserver((entries) => {
+      moreInView = entries.some((e) => e.isIntersecting);
+      if (moreInView) maybeLoadMore();
+    }).observe(el.more);
+  }
+  el.moreButton.addEventListener('click', requestMore);
+
+  /** Rows of a PAGE: after the ones shown, in the server's order (placed by the sort if one moved meanwhile). */
+  function addPage(devices) {
+    for (const d of devices) {
+      const k = remember(d);
+      if (rows.has(d.id)) {
+        paintRow(rows.get(d.id), k);
+        continue;
+      }
+      k.hist = [{ sum: k.sum, at: Date.now() }];
+      k.rate = null;
+      const last = order.length ? known.get(order[order.length - 1]) : null;
+      if (!last || compare(d, last.info) >= 0) {
+        const rec = rowFor(d.id);
+        paintRow(rec, k);
+        el.rows.appendChild(rec.tr);
+        order.push(d.id);
+      } else {
+        insertRow(k);
+      }
+    }
   }
 
   // The server's order (see compareDevices in src/http.ts), used to place rows that
@@ -387,6 +450,7 @@
     }
     pending.clear();
     if (changedSet || typesDirty) afterRowsChanged();
+    if (changedSet) maybeLoadMore();
   }
 
   /** Once a second: relative times and message rates. */
@@ -498,6 +562,7 @@
     sock.onclose = () => {
       if (ws !== sock) return;
       ws = null;
+      loadingMore = false; // a page asked for on this socket will not come; the next INIT starts afresh
       scheduleReconnect();
     };
     sock.onerror = () => {}; // onclose follows
@@ -522,13 +587,29 @@
         adoptFilter(msg.filter);
         pending.clear();
         pendingRemoved.clear();
+        total = typeof msg.total === 'number' ? msg.total : (msg.devices || []).length;
+        complete = msg.complete !== false;
+        loadingMore = false;
         renderAll(msg.devices || []);
+        maybeLoadMore();
         if (selected) {
           const k = known.get(selected);
           if (k) paintDevice(k, true);
         }
         break;
+      case 'PAGE':
+        total = typeof msg.total === 'number' ? msg.total : total;
+        complete = msg.complete !== false;
+        loadingMore = false;
+        addPage(msg.devices || []);
+        afterRowsChanged();
+        maybeLoadMore();
+        break;
       case 'UPDT':
+        if (typeof msg.total === 'number') {
+          total = msg.total;
+          if (!complete) afterRowsChanged();
+        }
         queueUpdates(msg.devices || [], msg.removed || []);
         break;
       case 'MSG':

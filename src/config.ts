@@ -11,6 +11,8 @@ import { AuthOptions, hashProblem } from './auth';
 import type { BridgeOptions } from './bridge';
 import { APP_RESTART_DEFAULTS, AppRestartOptions } from './apps';
 import { ENDPOINT_DEFAULTS } from './endpoint';
+import { HTTP_OPTION_CHECKS } from './http';
+import type { HttpLimitOptions } from './http';
 import { SERVER_DEFAULTS } from './server';
 import type { DuplicateIdPolicy } from './server';
 import type { TlsOptions } from './transports/tcp';
@@ -80,8 +82,8 @@ export interface TetherConfig {
   baseDir: string;
 }
 
-/** The `http` section. */
-export interface HttpConfig {
+/** The `http` section (with the limits of src/http.ts: allowedHosts, maxConnections, … each optional). */
+export interface HttpConfig extends Partial<HttpLimitOptions> {
   /** Address to listen on; `127.0.0.1` keeps it to this machine. */
   host: string;
   /** TCP port; 0 = any free port. */
@@ -227,6 +229,8 @@ const HTTP_CHECKS: Record<string, Check> = {
   port: int(0, 65535),
   token: (v) => (v === null || (typeof v === 'string' && v.length > 0 && !/\s/.test(v)) ? null : 'null or a non-empty string without spaces'),
   tls: (v) => section({ key: file, cert: file }, '{ "key": "api.key", "cert": "api.crt" }', ['key', 'cert'])(v),
+  // The HTTP limits (allowedHosts, maxConnections, timeouts, load shares, pageSize): their checks live with them.
+  ...HTTP_OPTION_CHECKS,
 };
 
 const CHECKS: Record<string, Check> = {

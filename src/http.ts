@@ -2,14 +2,22 @@
  * The fleet over HTTP: a JSON API, a WebSocket feed for the dashboard, Prometheus
  * metrics and the dashboard's static files, all on one Node `http` server.
  *
- *   GET  /api/devices[?type=&status=&q=&sort=&dir=]    devices, filtered and sorted
+ *   GET  /api/devices[?type=&status=&q=&sort=&dir=&limit=&offset=]   devices, filtered, sorted, one page
  *   GET  /api/devices/:id                               one device, its recent lines and telemetry
  *   GET  /api/devices/:id/telemetry/:name[?from=&to=]   samples of one telemetry name
  *   POST /api/devices/:id/messages                      send one line to a device
  *   POST /api/broadcast                                 send one line to a type or to everyone
  *   GET  /metrics                                       Prometheus text
- *   GET  /ws                                            WebSocket (INIT / UPDT / MSG; FILT / SEL)
+ *   GET  /ws                                            WebSocket (INIT / PAGE / UPDT / MSG; FILT / MORE / SEL)
  *   GET  /, /dashboard/…, /vendor/uplot/…               the dashboard
+ *
+ * Nothing a client of this server does may starve the device links, which share
+ * its event loop: requests are served only for allowed Host names (DNS
+ * rebinding), sockets are bounded in number (in total and per address) and in
+ * time (headers, request, keep-alive), the event-loop time spent for each
+ * client address and for all of them is metered against a budget, WebSocket
+ * messages are rate limited per browser and their expensive answers coalesced,
+ * and every answer is bounded in size (pages).
  *
  * It uses only the public surfaces of Server, Connection and Fleet.
  */
@@ -17,8 +25,11 @@ import { createHash, timingSafeEqual } from 'node:crypto';
 import * as fs from 'node:fs';
 import * as http from 'node:http';
 import * as https from 'node:https';
+import { isIP } from 'node:net';
 import type { AddressInfo, Socket } from 'node:net';
+import * as os from 'node:os';
 import * as path from 'node:path';
+import { performance } from 'node:perf_hooks';
 import * as prom from 'prom-client';
 import { WebSocket, WebSocketServer } from 'ws';
 import type { MqttBridge } from './bridge';
@@ -26,18 +37,115 @@ import type { Connection } from './connection';
 import { ENDPOINT_DEFAULTS } from './endpoint';
 import { TetherError } from './errors';
 import type { Counters } from './endpoint';
-import { LIMIT_NAMES } from './limits';
+import { LIMIT_NAMES, throttledWarn } from './limits';
 import { FleetBusyError } from './fleet';
 import type { DeviceInfo, Fleet, SendOutcome } from './fleet';
 import { silentLogger } from './log';
 import type { Logger } from './log';
 import { payloadProblem } from './protocol/lines';
+import { SERVER_DEFAULTS } from './server';
 import type { HandshakeStats, Server } from './server';
 import type { Sample } from './telemetry';
 
 // ---- options and limits -------------------------------------------------------
 
-export interface HttpApiOptions {
+/**
+ * The limits that keep the API's clients from starving the device links. Each has
+ * a default (HTTP_LIMIT_DEFAULTS) and is validated (HTTP_OPTION_CHECKS, also used
+ * by the config loader for the "http" section).
+ */
+export interface HttpLimitOptions {
+  /**
+   * Host names (the request's Host header, without the port) served besides the
+   * loopback names and the addresses the server listens on. An entry is a name
+   * (`gateway.local`), a domain with a leading dot (`.example.com`: it and every
+   * name under it) or an IP address; `"*"` serves any Host, which lets any web
+   * page reach the API through DNS rebinding. Default none.
+   */
+  allowedHosts: string[];
+  /** HTTP and WebSocket sockets open at once; beyond it an idle one is closed for a newcomer, or the newcomer is. Default 256. */
+  maxConnections: number;
+  /** Of those, from one IP address. Default 32. */
+  maxConnectionsPerAddress: number;
+  /** ms a client has to send a request's headers. Default 10000. */
+  headersTimeout: number;
+  /** ms a client has to send a whole request (headers and body). Default 30000. */
+  requestTimeout: number;
+  /** ms an idle keep-alive socket is kept open. Default 5000. */
+  keepAliveTimeout: number;
+  /** Share of the event loop's time (0-1) that one client address may use; beyond it, 429 or a paused WebSocket. Default 0.1. */
+  maxClientLoad: number;
+  /** Share of the event loop's time (0-1) that all HTTP and WebSocket clients together may use; beyond it, 503. Default 0.25. */
+  maxLoad: number;
+  /** Devices per WebSocket page (INIT, PAGE, UPDT); the browser asks for more. Default 500. */
+  pageSize: number;
+}
+
+export const HTTP_LIMIT_DEFAULTS: Readonly<HttpLimitOptions> = Object.freeze({
+  allowedHosts: [],
+  maxConnections: 256,
+  maxConnectionsPerAddress: 32,
+  headersTimeout: 10_000,
+  requestTimeout: 30_000,
+  keepAliveTimeout: 5_000,
+  maxClientLoad: 0.1,
+  maxLoad: 0.25,
+  pageSize: 500,
+});
+
+const intIn =
+  (min: number, max: number) =>
+  (v: unknown): string | null =>
+    Number.isInteger(v) && (v as number) >= min && (v as number) <= max ? null : `an integer from ${min} to ${max}`;
+const share = (v: unknown): string | null =>
+  typeof v === 'number' && Number.isFinite(v) && v > 0 && v <= 1 ? null : 'a number above 0 and at most 1 (a share of the event loop\'s time, e.g. 0.1)';
+
+/** One allowedHosts entry: `*`, a name, `.domain` or an IP address (IPv6 with or without brackets). */
+const HOST_ENTRY = /^(\*|\.?[a-z0-9_](?:[a-z0-9_.-]*[a-z0-9_])?|\[?[0-9a-f:.]+\]?)$/i;
+
+/** null if the value is fine, else what it must be (the config loader says "…must be <this>"). */
+export const HTTP_OPTION_CHECKS: Record<keyof HttpLimitOptions, (v: unknown) => string | null> = {
+  allowedHosts: (v) =>
+    Array.isArray(v) && v.every((h) => typeof h === 'string' && HOST_ENTRY.test(h) && !(h.includes(':') && isIP(h.replace(/^\[|\]$/g, '')) === 0))
+      ? null
+      : 'a list of the host names this server is reached by, without ports, e.g. ["gateway.local", ".example.com", "192.168.1.10"] ("*" alone turns the check off, which is unsafe: see docs/security.md)',
+  maxConnections: intIn(1, 1_000_000),
+  maxConnectionsPerAddress: intIn(1, 1_000_000),
+  headersTimeout: intIn(100, 3_600_000),
+  requestTimeout: intIn(100, 3_600_000),
+  keepAliveTimeout: intIn(100, 3_600_000),
+  maxClientLoad: share,
+  maxLoad: share,
+  pageSize: intIn(1, 10_000),
+};
+
+/** Validates the limit options (each, and how they relate) and fills in the defaults; throws ERR_BAD_CONFIG saying what to change. */
+export function resolveHttpLimits(opts: Partial<HttpLimitOptions>): HttpLimitOptions {
+  const o: HttpLimitOptions = { ...HTTP_LIMIT_DEFAULTS, allowedHosts: [...HTTP_LIMIT_DEFAULTS.allowedHosts] };
+  for (const k of Object.keys(HTTP_OPTION_CHECKS) as Array<keyof HttpLimitOptions>) {
+    const v = opts[k];
+    if (v === undefined) continue;
+    const want = HTTP_OPTION_CHECKS[k](v);
+    if (want) throw new TetherError('ERR_BAD_CONFIG', `http.${k} must be ${want}; got ${JSON.stringify(v)}`);
+    (o as unknown as Record<string, unknown>)[k] = k === 'allowedHosts' ? [...(v as string[])] : v;
+  }
+  const fix = (msg: string) => new TetherError('ERR_BAD_CONFIG', msg);
+  if (o.maxConnectionsPerAddress > o.maxConnections) {
+    throw fix(`http.maxConnectionsPerAddress (${o.maxConnectionsPerAddress}) is above http.maxConnections (${o.maxConnections}): lower it or raise maxConnections`);
+  }
+  if (o.headersTimeout > o.requestTimeout) {
+    throw fix(`http.headersTimeout (${o.headersTimeout} ms) is longer than http.requestTimeout (${o.requestTimeout} ms), which includes the headers: lower headersTimeout or raise requestTimeout`);
+  }
+  if (o.maxClientLoad > o.maxLoad) {
+    throw fix(`http.maxClientLoad (${o.maxClientLoad}) is above http.maxLoad (${o.maxLoad}), the share of all clients together: lower maxClientLoad or raise maxLoad`);
+  }
+  if (o.allowedHosts.includes('*') && o.allowedHosts.length > 1) {
+    throw fix('http.allowedHosts: "*" serves every host name, so the other entries mean nothing: give ["*"] alone (unsafe) or only names');
+  }
+  return o;
+}
+
+export interface HttpApiOptions extends Partial<HttpLimitOptions> {
   server: Server;
   fleet: Fleet;
   /** Address to listen on. Default `127.0.0.1` (only this machine). */
@@ -79,8 +187,28 @@ export const SEND_TIMEOUT = { default: 10_000, max: 600_000 } as const;
 export const UPDT_INTERVAL = 250;
 /** Most POSTs waiting for devices at once; more get 503. */
 const MAX_PENDING_SENDS = 1000;
-/** A body is read (and thrown away) up to this size to answer 400 cleanly; beyond it the socket is cut. */
-const MAX_DRAIN = 16 * 1024 * 1024;
+/** GET /api/devices: devices per page by default, and at most. */
+export const LIST_LIMIT = { default: 1000, max: 10_000 } as const;
+/** A WebSocket page (INIT, PAGE, UPDT) stops adding devices once its JSON is this big (it always has at least one). */
+export const PAGE_BYTES = 256 * 1024;
+/** Shortest gap between two INITs to one browser, ms: a burst of FILTs costs one INIT, with the last filter. */
+export const INIT_INTERVAL = 100;
+/** Messages a browser may send per second on /ws, and in one burst; beyond, its socket is paused (TCP pushes back). */
+export const BROWSER_MESSAGES = { perSecond: 20, burst: 40 } as const;
+/** A browser this many messages past its rate (sent before its pause took hold) is dropped. */
+const FLOOD_DEBT = BROWSER_MESSAGES.burst * 5;
+/** Requests one socket may have in flight (pipelined, not yet answered); beyond, the socket is closed. */
+export const MAX_PIPELINED = 16;
+/** A browser that has not loaded every matching device gets a fresh count of them at most this often, ms. */
+const COUNT_INTERVAL = 5000;
+/** Event-loop time a request is charged at least, ms (Node's own parsing and writing is not measured). */
+const MIN_CHARGE = 0.05;
+/** Client addresses whose budget is remembered; the least recently used are forgotten first. */
+const MAX_BUDGET_ADDRESSES = 10_000;
+
+/** HTTP limit hits, counted by the HttpApi and exported with the server's in `tether_limit_hits_total{limit}`. */
+export const HTTP_LIMIT_NAMES = ['httpConnections', 'httpHost', 'httpLoad', 'httpPipelining'] as const;
+export type HttpLimitName = (typeof HTTP_LIMIT_NAMES)[number];
 
 // ---- filters (shared by GET /api/devices and the WebSocket) ---------------------
 
@@ -99,12 +227,23 @@ export interface Filter {
 
 export const DEFAULT_FILTER: Readonly<Filter> = Object.freeze({ type: null, status: null, q: '', sort: 'id', dir: 'asc' });
 
-export function matchesFilter(d: DeviceInfo, f: Filter): boolean {
+/** The lowercased text `q` is searched in, per metadata object (a device's metadata is replaced, not changed, when it declares new). */
+const metaText = new WeakMap<object, string>();
+function metaSearchText(meta: Record<string, unknown>): string {
+  let t = metaText.get(meta);
+  if (t === undefined) metaText.set(meta, (t = JSON.stringify(meta).toLowerCase()));
+  return t;
+}
+
+/** What a filter and a sort look at: a DeviceInfo, or the light row built for selecting a page. */
+export type Sortable = Pick<DeviceInfo, 'id' | 'type' | 'meta' | 'status' | 'lastSeen'> & { counters: Pick<Counters, 'outages' | 'messagesIn' | 'messagesOut'> };
+
+export function matchesFilter(d: Sortable, f: Filter): boolean {
   if (f.type !== null && d.type !== f.type) return false;
   if (f.status !== null && d.status !== f.status) return false;
   if (f.q) {
     const q = f.q.toLowerCase();
-    if (!d.id.toLowerCase().includes(q) && !(d.type ?? '').toLowerCase().includes(q) && !JSON.stringify(d.meta).toLowerCase().includes(q)) {
+    if (!d.id.toLowerCase().includes(q) && !(d.type ?? '').toLowerCase().includes(q) && !metaSearchText(d.meta).includes(q)) {
       return false;
     }
   }
@@ -113,7 +252,7 @@ export function matchesFilter(d: DeviceInfo, f: Filter): boolean {
 
 const collator = new Intl.Collator('en', { numeric: true });
 const STATUS_RANK: Record<DeviceInfo['status'], number> = { up: 0, down: 1, closed: 2 };
-const SORT_KEY: Record<SortField, (d: DeviceInfo) => string | number | null> = {
+const SORT_KEY: Record<SortField, (d: Sortable) => string | number | null> = {
   id: (d) => d.id,
   type: (d) => d.type,
   status: (d) => STATUS_RANK[d.status],
@@ -123,7 +262,7 @@ const SORT_KEY: Record<SortField, (d: DeviceInfo) => string | number | null> = {
 };
 
 /** Orders by the filter's field and direction; missing values (no type, never seen) last; ties by ID. */
-export function compareDevices(f: Filter): (a: DeviceInfo, b: DeviceInfo) => number {
+export function compareDevices(f: Filter): (a: Sortable, b: Sortable) => number {
   const key = SORT_KEY[f.sort];
   const sign = f.dir === 'desc' ? -1 : 1;
   return (a, b) => {
@@ -139,8 +278,56 @@ export function compareDevices(f: Filter): (a: DeviceInfo, b: DeviceInfo) => num
   };
 }
 
-export function selectDevices(all: DeviceInfo[], f: Filter): DeviceInfo[] {
+export function selectDevices<T extends Sortable>(all: T[], f: Filter): T[] {
   return all.filter((d) => matchesFilter(d, f)).sort(compareDevices(f));
+}
+
+/**
+ * The items at sorted positions [offset, offset + limit) among those `keep` accepts,
+ * without sorting them all: a bounded heap, O(n log(offset + limit)). Also how many
+ * were kept in all (`kept`).
+ */
+export function selectTop<T>(items: Iterable<T>, keep: (x: T) => boolean, cmp: (a: T, b: T) => number, offset: number, limit: number): { page: T[]; kept: number } {
+  const want = offset + limit;
+  const heap: T[] = []; // the worst of the best `want` on top
+  const worse = (i: number, j: number) => cmp(heap[i], heap[j]) > 0;
+  const swap = (i: number, j: number) => {
+    const x = heap[i];
+    heap[i] = heap[j];
+    heap[j] = x;
+  };
+  const down = (i: number) => {
+    for (;;) {
+      const l = 2 * i + 1;
+      const r = l + 1;
+      let m = i;
+      if (l < heap.length && worse(l, m)) m = l;
+      if (r < heap.length && worse(r, m)) m = r;
+      if (m === i) return;
+      swap(i, m);
+      i = m;
+    }
+  };
+  let kept = 0;
+  for (const x of items) {
+    if (!keep(x)) continue;
+    kept++;
+    if (want === 0) continue;
+    if (heap.length < want) {
+      heap.push(x);
+      for (let i = heap.length - 1; i > 0; ) {
+        const p = (i - 1) >> 1;
+        if (!worse(i, p)) break;
+        swap(i, p);
+        i = p;
+      }
+    } else if (cmp(x, heap[0]) < 0) {
+      heap[0] = x;
+      down(0);
+    }
+  }
+  heap.sort(cmp);
+  return { page: heap.slice(offset), kept };
 }
 
 // ---- validation: every check of what a client sends lives here ------------------
@@ -175,10 +362,12 @@ function oneOfValue<T extends string>(v: unknown, options: readonly T[], name: s
 export const validate = {
   /** The query string of GET /api/devices. */
   listQuery(params: URLSearchParams): Filter {
-    const known = ['type', 'status', 'q', 'sort', 'dir'];
+    const known = ['type', 'status', 'q', 'sort', 'dir', 'limit', 'offset'];
     const seen = new Set<string>();
     for (const k of params.keys()) {
-      if (!known.includes(k)) throw bad(`unknown query parameter ${JSON.stringify(k)}; use type, status (up|down), q, sort (${sortList}), dir (asc|desc)`);
+      if (!known.includes(k)) {
+        throw bad(`unknown query parameter ${JSON.stringify(k)}; use type, status (up|down), q, sort (${sortList}), dir (asc|desc), limit, offset`);
+      }
       if (seen.has(k)) throw bad(`query parameter ${JSON.stringify(k)} given twice; give it once`);
       seen.add(k);
     }
@@ -193,6 +382,21 @@ export const validate = {
     const dir = params.get('dir');
     if (dir) f.dir = oneOfValue(dir, ['asc', 'desc'] as const, 'dir');
     return f;
+  },
+
+  /** `limit` / `offset` of GET /api/devices (the filter's keys are checked by listQuery). */
+  page(params: URLSearchParams): { limit: number; offset: number } {
+    const num = (k: 'limit' | 'offset', dflt: number, min: number, max: number, what: string) => {
+      const raw = params.get(k);
+      if (raw === null || raw === '') return dflt;
+      const n = /^[0-9]{1,10}$/.test(raw) ? Number(raw) : NaN;
+      if (!(n >= min && n <= max)) throw bad(`${k} must be a whole number from ${min} to ${max} (${what}); got ${JSON.stringify(raw)}`);
+      return n;
+    };
+    return {
+      limit: num('limit', LIST_LIMIT.default, 1, LIST_LIMIT.max, `devices per page, default ${LIST_LIMIT.default}`),
+      offset: num('offset', 0, 0, 1_000_000_000, 'devices to skip: the "next" of the previous page'),
+    };
   },
 
   /** `from` / `to` of the telemetry query: ms since the epoch. */
@@ -235,8 +439,12 @@ export const validate = {
   },
 
   /** A message from a browser on /ws; returns what to do. */
-  wsMessage(raw: unknown, current: Filter): { t: 'FILT'; filter: Filter } | { t: 'SEL'; id: string | null } {
-    if (!plain(raw)) throw bad('send a JSON object: {"t": "FILT", …} or {"t": "SEL", "id": "…"}');
+  wsMessage(raw: unknown, current: Filter): { t: 'FILT'; filter: Filter } | { t: 'SEL'; id: string | null } | { t: 'MORE' } {
+    if (!plain(raw)) throw bad('send a JSON object: {"t": "FILT", …}, {"t": "MORE"} or {"t": "SEL", "id": "…"}');
+    if (raw.t === 'MORE') {
+      checkKeys(raw, ['t'], 'MORE');
+      return { t: 'MORE' };
+    }
     if (raw.t === 'SEL') {
       checkKeys(raw, ['t', 'id'], 'SEL');
       if (raw.id !== null && (typeof raw.id !== 'string' || raw.id.length === 0)) throw bad('SEL needs "id": a client ID, or null to stop');
@@ -258,7 +466,7 @@ export const validate = {
       if (raw.dir !== undefined) f.dir = oneOfValue(raw.dir, ['asc', 'desc'] as const, 'FILT "dir"');
       return { t: 'FILT', filter: f };
     }
-    throw bad(`unknown message type ${JSON.stringify(raw.t)}; send "t": "FILT" or "t": "SEL"`);
+    throw bad(`unknown message type ${JSON.stringify(raw.t)}; send "t": "FILT", "MORE" or "SEL"`);
   },
 };
 
@@ -293,8 +501,195 @@ function uplotDir(): string | null {
   }
 }
 
+/** The soft limit on open files of this process (Linux), or null if unknown. */
+function openFileLimit(): number | null {
+  try {
+    const m = /^Max open files\s+(\d+)/m.exec(fs.readFileSync('/proc/self/limits', 'utf8'));
+    return m ? Number(m[1]) : null;
+  } catch {
+    return null;
+  }
+}
+
+/** A socket's remote address and port: the same for a TCP socket and the TLS socket on top of it. */
+function sockKey(s: Socket): string {
+  return `${s.remoteAddress}|${s.remotePort}`;
+}
+
 function isLoopback(host: string): boolean {
   return host === 'localhost' || host === '::1' || host.startsWith('127.');
+}
+
+// ---- budgets: event-loop time per client address and in total ----------------------
+
+/** A token bucket: `perMs` tokens a millisecond up to `capacity`; taking may leave it below zero (a debt that must refill first). */
+export class TokenBucket {
+  private level: number;
+  private at: number;
+  constructor(
+    readonly perMs: number,
+    readonly capacity: number,
+    now: number,
+  ) {
+    this.level = capacity;
+    this.at = now;
+  }
+  private refill(now: number): void {
+    if (now > this.at) {
+      this.level = Math.min(this.capacity, this.level + (now - this.at) * this.perMs);
+      this.at = now;
+    }
+  }
+  /** Tokens now (negative while in debt). */
+  tokens(now: number): number {
+    this.refill(now);
+    return this.level;
+  }
+  take(n: number, now: number): void {
+    this.refill(now);
+    this.level -= n;
+  }
+  /** ms until at least `n` tokens are there (0 = now). */
+  waitFor(n: number, now: number): number {
+    this.refill(now);
+    return this.level >= n ? 0 : (n - this.level) / this.perMs;
+  }
+  full(now: number): boolean {
+    this.refill(now);
+    return this.level >= this.capacity;
+  }
+}
+
+/**
+ * The event-loop time spent for HTTP and WebSocket clients, metered after the fact:
+ * each client address may spend `clientShare` of the time and all together
+ * `totalShare`, with bursts of up to one second's worth. Work is charged when done;
+ * a client in debt waits (429, a paused WebSocket, a later INIT) until its bucket
+ * has refilled, so however it asks, it gets no more than its share.
+ */
+export class LoadBudget {
+  private readonly total: TokenBucket;
+  private readonly clients = new Map<string, TokenBucket>();
+  constructor(
+    readonly clientShare: number,
+    readonly totalShare: number,
+    now: number,
+    private readonly maxAddresses = MAX_BUDGET_ADDRESSES,
+  ) {
+    this.total = new TokenBucket(totalShare, totalShare * 1000, now);
+  }
+  private client(address: string, now: number, create: boolean): TokenBucket | undefined {
+    let b = this.clients.get(address);
+    if (!b && create) {
+      b = new TokenBucket(this.clientShare, this.clientShare * 1000, now);
+      this.clients.set(address, b);
+      // Forget the least recently charged addresses first; a forgotten address starts afresh (the total still holds).
+      for (const a of this.clients.keys()) {
+        if (this.clients.size <= this.maxAddresses) break;
+        if (a !== address) this.clients.delete(a);
+      }
+    }
+    return b;
+  }
+  /** ms until `address` may be served, and whose budget it waits for (the client's own or everyone's); 0 = now. */
+  wait(address: string, now: number): { ms: number; who: 'client' | 'all' } {
+    const mine = this.client(address, now, false)?.waitFor(0, now) ?? 0;
+    const all = this.total.waitFor(0, now);
+    return mine >= all ? { ms: mine, who: 'client' } : { ms: all, who: 'all' };
+  }
+  /** Records `ms` of event-loop time spent for `address`. */
+  charge(address: string, ms: number, now: number): void {
+    const b = this.client(address, now, true)!;
+    // Most recently charged last, so the oldest are the ones forgotten.
+    this.clients.delete(address);
+    this.clients.set(address, b);
+    b.take(ms, now);
+    this.total.take(ms, now);
+  }
+  /** Addresses remembered now (bounded). */
+  get addresses(): number {
+    return this.clients.size;
+  }
+}
+
+// ---- Host check (DNS rebinding) --------------------------------------------------------
+
+/** The host name of a Host header, lowercased, without port or trailing dot (IPv6 without brackets); null if malformed. */
+export function hostOf(header: string): string | null {
+  let h = header.trim().toLowerCase();
+  if (h.startsWith('[')) {
+    const end = h.indexOf(']');
+    if (end < 0) return null;
+    const rest = h.slice(end + 1);
+    if (rest !== '' && !/^:[0-9]{1,5}$/.test(rest)) return null;
+    h = h.slice(1, end);
+    return isIP(h) === 6 ? h : null;
+  }
+  const colon = h.indexOf(':');
+  if (colon >= 0) {
+    if (!/^:[0-9]{1,5}$/.test(h.slice(colon))) return null;
+    h = h.slice(0, colon);
+  }
+  if (h.endsWith('.')) h = h.slice(0, -1);
+  return /^[a-z0-9_](?:[a-z0-9_.-]*[a-z0-9_])?$/.test(h) ? h : null;
+}
+
+function loopbackName(h: string): boolean {
+  return h === 'localhost' || h.endsWith('.localhost') || (isIP(h) === 4 && h.startsWith('127.')) || h === '::1' || /^::ffff:127\./.test(h);
+}
+
+/**
+ * Which Host headers are served. A web page whose own name was made to resolve to
+ * this server (DNS rebinding) sends its own name as the Host; only the names this
+ * server is really reached by are served: loopback names and addresses, the
+ * address it listens on (every address of this machine when it listens on all of
+ * them), and `allowedHosts`.
+ */
+export class HostCheck {
+  private readonly any: boolean;
+  private readonly names = new Set<string>();
+  private readonly domains: string[] = [];
+  private readonly wildcard: boolean;
+  private local = new Set<string>();
+  private localAt = -Infinity;
+  constructor(
+    allowed: readonly string[],
+    listenHost: string,
+    private readonly interfaces: () => string[] = machineAddresses,
+  ) {
+    this.any = allowed.includes('*');
+    for (const raw of allowed) {
+      const e = raw.toLowerCase().replace(/^\[|\]$/g, '');
+      if (e.startsWith('.')) this.domains.push(e.slice(1));
+      else this.names.add(e);
+    }
+    const listen = listenHost.toLowerCase().replace(/^\[|\]$/g, '');
+    this.wildcard = listen === '' || listen === '0.0.0.0' || listen === '::';
+    if (!this.wildcard) this.names.add(listen);
+  }
+  /** Whether a request with this Host header (undefined: none sent, as HTTP/1.0 clients may) is served. */
+  allows(header: string | undefined, now = Date.now()): boolean {
+    if (this.any || header === undefined) return true;
+    const h = hostOf(header);
+    if (h === null) return false;
+    if (loopbackName(h) || this.names.has(h)) return true;
+    for (const d of this.domains) if (h === d || h.endsWith('.' + d)) return true;
+    if (this.wildcard && isIP(h) !== 0) {
+      // The machine's addresses change (DHCP, VPNs): look again on a miss, at most every 5 s.
+      if (!this.local.has(h) && now - this.localAt > 5000) {
+        this.local = new Set(this.interfaces().map((a) => a.toLowerCase()));
+        this.localAt = now;
+      }
+      return this.local.has(h);
+    }
+    return false;
+  }
+}
+
+function machineAddresses(): string[] {
+  const out: string[] = [];
+  for (const list of Object.values(os.networkInterfaces())) for (const a of list ?? []) out.push(a.address.replace(/%.*$/, ''));
+  return out;
 }
 
 // ---- the server -----------------------------------------------------------------
@@ -308,15 +703,37 @@ interface RecentLine {
 interface Browser {
   ws: WebSocket;
   remote: string;
+  /** Its IP address: whose budget its work is charged to. */
+  address: string;
   filter: Filter;
   selected: string | null;
-  /** IDs this browser was last told about (INIT or UPDT) as matching its filter. */
+  /** IDs sent to this browser (INIT, PAGE or UPDT) as matching its filter. */
   shown: Set<string>;
-  /** IDs changed since the last UPDT. */
+  /** True once it has been sent every device matching its filter; then new matches come with UPDT, as rows to add. */
+  complete: boolean;
+  /** Devices matching its filter, as last counted, and the count it was last sent. */
+  total: number;
+  sentTotal: number;
+  countedAt: number;
+  /** Something changed that may change `total` (only tracked while not complete). */
+  countStale: boolean;
+  /** IDs changed since the last UPDT (while not complete: only shown ones). */
   changed: Set<string>;
   timer: NodeJS.Timeout | null;
   lastUpdate: number;
+  /** What it asked for and has not got yet: an INIT (after FILT) or a PAGE (MORE). */
+  want: 'init' | 'page' | null;
+  workTimer: NodeJS.Timeout | null;
+  lastInit: number;
+  /** Its message rate (BROWSER_MESSAGES), and the timer that resumes its paused socket. */
+  messages: TokenBucket;
+  resumeTimer: NodeJS.Timeout | null;
   alive: boolean;
+}
+
+/** A device as a page is selected: the fields filters and sorts read, without building its DeviceInfo. */
+interface Row extends Sortable {
+  conn: Connection;
 }
 
 type CounterKey = keyof Counters;
@@ -351,6 +768,22 @@ export class HttpApi {
   private pendingSends = 0;
   private listening = false;
   private closed = false;
+  /** The limits in force (the options with their defaults). */
+  readonly limitOptions: Readonly<HttpLimitOptions>;
+  /** HTTP limit hits (also in `tether_limit_hits_total{limit}`). */
+  readonly limits: Record<HttpLimitName, number> = { httpConnections: 0, httpHost: 0, httpLoad: 0, httpPipelining: 0 };
+  private readonly budget: LoadBudget;
+  private hosts: HostCheck;
+  /** Open sockets per client address, and sockets with no request in progress (oldest first: the first closed when full). */
+  private readonly perAddress = new Map<string, number>();
+  private readonly idle = new Map<Socket, 0>();
+  /** Requests in progress per TCP socket (pipelined ones included). */
+  private readonly inFlight = new WeakMap<Socket, number>();
+  /** TCP sockets by remote address and port: how an HTTPS request's TLS socket finds the one that was counted. */
+  private readonly sockets = new Map<string, Socket>();
+  private readonly released = new WeakSet<Socket>();
+  private readonly socketInfo = new WeakMap<Socket, { address: string; key: string }>();
+  private openSockets = 0;
 
   constructor(opts: HttpApiOptions) {
     this.server = opts.server;
@@ -366,6 +799,15 @@ export class HttpApi {
     if (this.token !== null && (typeof this.token !== 'string' || this.token.length === 0)) {
       throw new TypeError('token must be a non-empty string, or null for none');
     }
+    this.limitOptions = Object.freeze(resolveHttpLimits(opts));
+    const lim = this.limitOptions;
+    this.budget = new LoadBudget(lim.maxClientLoad, lim.maxLoad, performance.now());
+    this.hosts = new HostCheck(lim.allowedHosts, this.host);
+    if (lim.allowedHosts.includes('*')) {
+      this.log.warn('http.allowedHosts is "*": any host name is served, so a web page can reach this API through DNS rebinding', {
+        hint: 'list the names this server is reached by instead (e.g. ["gateway.local"])',
+      });
+    }
 
     if (!this.token && !isLoopback(this.host)) {
       this.log.warn('the HTTP API will listen beyond this machine without a token: anyone who reaches it can send lines to devices', {
@@ -376,20 +818,30 @@ export class HttpApi {
     const handler = (req: http.IncomingMessage, res: http.ServerResponse) => void this.handle(req, res);
     this.secure = !!opts.tls;
     this.bridge = opts.bridge ?? null;
+    const read = (what: string, file: string) => {
+      try {
+        return fs.readFileSync(file);
+      } catch (e) {
+        throw new TetherError('ERR_BAD_CONFIG', `http.tls.${what}: cannot read ${file} (${(e as NodeJS.ErrnoException).code ?? e}): check the path`);
+      }
+    };
+    // Slowloris: headers and whole requests have deadlines, checked every second; idle keep-alive sockets close.
+    const timing = {
+      headersTimeout: lim.headersTimeout,
+      requestTimeout: lim.requestTimeout,
+      keepAliveTimeout: lim.keepAliveTimeout,
+      connectionsCheckingInterval: Math.min(1000, Math.max(50, Math.floor(lim.headersTimeout / 4))),
+    };
     if (opts.tls) {
-      const read = (what: string, file: string) => {
-        try {
-          return fs.readFileSync(file);
-        } catch (e) {
-          throw new TetherError('ERR_BAD_CONFIG', `http.tls.${what}: cannot read ${file} (${(e as NodeJS.ErrnoException).code ?? e}): check the path`);
-        }
-      };
-      this.http = https.createServer({ key: read('key', opts.tls.key), cert: read('cert', opts.tls.cert) }, handler);
+      this.http = https.createServer({ key: read('key', opts.tls.key), cert: read('cert', opts.tls.cert), ...timing }, handler);
     } else {
-      this.http = http.createServer(handler);
+      this.http = http.createServer(timing, handler);
     }
+    this.http.keepAliveTimeout = lim.keepAliveTimeout;
+    this.http.on('connection', (socket: Socket) => this.onSocket(socket));
     this.http.on('upgrade', (req, socket, head) => this.upgrade(req, socket as Socket, head));
-    this.wss = new WebSocketServer({ noServer: true, maxPayload: 4 * MAX_WS_MESSAGE });
+    // allowSynchronousEvents off: a flood of small messages in one TCP read is handled one per turn of the event loop, not in one stretch.
+    this.wss = new WebSocketServer({ noServer: true, maxPayload: 4 * MAX_WS_MESSAGE, allowSynchronousEvents: false });
 
     // Feeds: recent lines and MSG per Connection, UPDT from the fleet's events.
     for (const c of this.server.connections()) this.watch(c);
@@ -430,6 +882,16 @@ export class HttpApi {
         this.http.on('error', (e) => this.log.error('HTTP server error', { error: e.message }));
         this.listening = true;
         this.log.info('HTTP API listening', { url: this.url, token: this.token ? 'required for POST' : 'none' });
+        const fds = openFileLimit();
+        const devices = this.server.opts.maxConnections ?? SERVER_DEFAULTS.maxConnections;
+        if (fds !== null && fds < devices + this.limitOptions.maxConnections + 64) {
+          this.log.warn('the open-file limit is below what the connection limits allow: under a flood, device links could find no descriptor', {
+            openFileLimit: fds,
+            maxConnections: devices,
+            httpMaxConnections: this.limitOptions.maxConnections,
+            hint: 'raise the limit (ulimit -n, LimitNOFILE= in a systemd unit) or lower maxConnections / http.maxConnections',
+          });
+        }
 
         resolve(this.http.address() as AddressInfo);
       });
@@ -456,7 +918,7 @@ export class HttpApi {
     for (const d of this.detach.splice(0)) d();
     const gone: Promise<void>[] = [];
     for (const b of this.browsers) {
-      if (b.timer) clearTimeout(b.timer);
+      this.stopBrowser(b);
       gone.push(new Promise((r) => b.ws.once('close', () => r())));
       b.ws.close(1001, 'server shutting down');
     }
@@ -510,13 +972,164 @@ export class HttpApi {
     for (const b of this.browsers) if (b.selected === id) this.sendTo(b, { t: 'MSG', id, dir, line, time: t });
   }
 
+  // ---- sockets, limits and budgets ---------------------------------------------------
+
+  private hit(name: HttpLimitName, msg: string, fields: Record<string, unknown>): void {
+    this.limits[name]++;
+    throttledWarn(this.log, msg, { limit: name, ...fields });
+  }
+
+  /**
+   * A new socket: counted in total and per address. When all maxConnections are
+   * taken, the socket idle the longest (no request in progress: a slowloris, or a
+   * keep-alive socket between requests) is closed to make room, so idle sockets
+   * cannot lock real clients out; only when every socket is busy is the newcomer refused.
+   */
+  private onSocket(socket: Socket): void {
+    const address = socket.remoteAddress ?? '?';
+    const lim = this.limitOptions;
+    const mine = this.perAddress.get(address) ?? 0;
+    if (mine >= lim.maxConnectionsPerAddress) {
+      this.hit('httpConnections', 'HTTP connection refused: too many from one address', {
+        address,
+        maxConnectionsPerAddress: lim.maxConnectionsPerAddress,
+        hint: 'raise http.maxConnectionsPerAddress if many clients share this address (a proxy, a NAT)',
+      });
+      socket.destroy();
+      return;
+    }
+    if (this.openSockets >= lim.maxConnections) {
+      const oldest = this.idle.keys().next();
+      if (oldest.done) {
+        this.hit('httpConnections', 'HTTP connection refused: maxConnections reached and none is idle', {
+          address,
+          maxConnections: lim.maxConnections,
+          hint: 'raise http.maxConnections if this many clients are real (each costs a file descriptor the device links may need)',
+        });
+        socket.destroy();
+        return;
+      }
+      this.hit('httpConnections', 'HTTP connection closed to make room: maxConnections reached', {
+        address: oldest.value.remoteAddress,
+        maxConnections: lim.maxConnections,
+        hint: 'the socket idle the longest is closed for a newcomer; raise http.maxConnections if this many clients are real',
+      });
+      this.release(oldest.value);
+      oldest.value.destroy();
+    }
+    this.openSockets++;
+    this.perAddress.set(address, mine + 1);
+    this.idle.set(socket, 0);
+    // Kept now: a closed socket no longer knows its remote address.
+    const key = sockKey(socket);
+    this.socketInfo.set(socket, { address, key });
+    this.sockets.set(key, socket);
+    socket.once('close', () => this.release(socket));
+  }
+
+  /** Uncounts a socket (once, whether it closed or was closed for a newcomer). */
+  private release(socket: Socket): void {
+    const info = this.socketInfo.get(socket);
+    if (!info || this.released.has(socket)) return;
+    this.released.add(socket);
+    this.openSockets--;
+    const n = (this.perAddress.get(info.address) ?? 1) - 1;
+    if (n <= 0) this.perAddress.delete(info.address);
+    else this.perAddress.set(info.address, n);
+    this.idle.delete(socket);
+    if (this.sockets.get(info.key) === socket) this.sockets.delete(info.key);
+  }
+
+  /** The TCP socket under a request's socket (for HTTPS, req.socket is the TLS socket on top of it). */
+  private tcpOf(s: Socket): Socket | undefined {
+    return this.sockets.get(sockKey(s));
+  }
+
+  /** Records `ms` of event-loop time spent for `address`. */
+  private charge(address: string, ms: number): void {
+    this.budget.charge(address, Math.max(MIN_CHARGE, ms), performance.now());
+  }
+
+  /** Host check and budget: throws the answer for a request that is not to be served. */
+  private admit(host: string | undefined, address: string, now: number): void {
+    if (!this.hosts.allows(host)) {
+      this.hit('httpHost', 'HTTP request refused: a Host name this server does not know (DNS rebinding?)', {
+        address,
+        host,
+        hint: 'if it is a name this server is reached by, add it to http.allowedHosts',
+      });
+      throw new HttpProblem(
+        421,
+        `this server does not answer to the host name ${JSON.stringify(host)}: if that is a name it is reached by, add it to "allowedHosts" ` +
+          'in the "http" section of its config (a name it does not know is how a web page reaches a local server through DNS rebinding)',
+        { Connection: 'close' },
+      );
+    }
+    const w = this.budget.wait(address, now);
+    if (w.ms > 0) {
+      const secs = String(Math.max(1, Math.ceil(w.ms / 1000)));
+      const lim = this.limitOptions;
+      this.hit('httpLoad', w.who === 'client' ? 'HTTP client over its share of the server time: 429' : 'HTTP clients over their share of the server time: 503', {
+        address,
+        retryAfter: Number(secs),
+        hint: w.who === 'client' ? 'one client asks for more than http.maxClientLoad allows' : 'the HTTP clients together ask for more than http.maxLoad allows',
+      });
+      throw w.who === 'client'
+        ? new HttpProblem(
+            429,
+            `too many requests from ${address}: it used its share of the server's time (http.maxClientLoad ${lim.maxClientLoad}; the rest is kept for the devices and other clients); retry in ${secs} s`,
+            { 'Retry-After': secs },
+          )
+        : new HttpProblem(
+            503,
+            `the server is busy: its HTTP clients together used their share of its time (http.maxLoad ${lim.maxLoad}; the rest is kept for the devices); retry in ${secs} s`,
+            { 'Retry-After': secs },
+          );
+    }
+  }
+
   // ---- HTTP -----------------------------------------------------------------------
 
   private async handle(req: http.IncomingMessage, res: http.ServerResponse): Promise<void> {
     req.on('error', () => {});
     res.on('error', () => {});
+    const socket = req.socket;
+    // A socket closed for pipelining too much: the requests it had already sent are dropped unanswered.
+    if (socket.destroyed) return;
+    const tcp = this.tcpOf(socket);
+    if (tcp) {
+      const n = (this.inFlight.get(tcp) ?? 0) + 1;
+      this.inFlight.set(tcp, n);
+      this.idle.delete(tcp);
+      res.once('close', () => {
+        const left = (this.inFlight.get(tcp) ?? 1) - 1;
+        this.inFlight.set(tcp, left);
+        // Between requests a keep-alive socket is idle again (newest last: the oldest idle is closed first when full).
+        if (left === 0 && !this.released.has(tcp) && !tcp.destroyed) this.idle.set(tcp, 0);
+      });
+      if (n > MAX_PIPELINED) {
+        this.hit('httpPipelining', 'HTTP connection closed: too many pipelined requests', {
+          address: socket.remoteAddress,
+          max: MAX_PIPELINED,
+          hint: 'send a request after the answer to the previous one (or on several connections)',
+        });
+        socket.destroy();
+        return;
+      }
+    }
+    const address = socket.remoteAddress ?? '?';
+    const t0 = performance.now();
+    let work: Promise<void>;
     try {
-      await this.route(req, res);
+      this.admit(req.headers.host, address, t0);
+      // What route() does before its first await (all of GET /api/devices, for one) is measured here.
+      work = this.route(req, res, address);
+    } catch (e) {
+      work = Promise.reject(e);
+    }
+    this.charge(address, performance.now() - t0);
+    try {
+      await work;
     } catch (e) {
       if (e instanceof HttpProblem) {
         this.log.debug('request refused', { method: req.method, url: req.url, status: e.status, error: e.message });
@@ -528,7 +1141,17 @@ export class HttpApi {
     }
   }
 
-  private async route(req: http.IncomingMessage, res: http.ServerResponse): Promise<void> {
+  /** Runs `fn` (synchronous work started after an await) and charges its time to `address`. */
+  private timed<T>(address: string, fn: () => T): T {
+    const t0 = performance.now();
+    try {
+      return fn();
+    } finally {
+      this.charge(address, performance.now() - t0);
+    }
+  }
+
+  private async route(req: http.IncomingMessage, res: http.ServerResponse, address: string): Promise<void> {
     const method = req.method ?? 'GET';
     let url: URL;
     try {
@@ -553,7 +1176,10 @@ export class HttpApi {
       if (seg.length === 1 && seg[0] === 'devices') {
         allow('GET');
         const f = validate.listQuery(url.searchParams);
-        return this.json(res, 200, { devices: selectDevices(this.fleet.list(), f) });
+        const { limit, offset } = validate.page(url.searchParams);
+        const { rows, total, rest } = this.pick(f, offset, limit);
+        const devices = rows.map((r) => this.fleet.describe(r.conn));
+        return this.json(res, 200, { devices, total, next: rest > 0 ? offset + rows.length : null });
       }
       if (seg.length === 2 && seg[0] === 'devices') {
         allow('GET');
@@ -572,14 +1198,14 @@ export class HttpApi {
         noQuery(url);
         this.device(seg[1]);
         const body = validate.sendBody(await this.readJson(req), false, this.maxLineLength);
-        return this.sendOne(res, seg[1], body);
+        return this.sendOne(res, seg[1], body, address);
       }
       if (seg.length === 1 && seg[0] === 'broadcast') {
         allow('POST');
         this.authorize(req);
         noQuery(url);
         const body = validate.sendBody(await this.readJson(req), true, this.maxLineLength);
-        return this.broadcast(res, body);
+        return this.broadcast(res, body, address);
       }
       throw new HttpProblem(
         404,
@@ -638,27 +1264,27 @@ export class HttpApi {
       // Also what keeps other web pages from posting here: a cross-site JSON POST needs a preflight this server never grants.
       throw new HttpProblem(415, `send the body as JSON with the header "Content-Type: application/json" (got ${type ? JSON.stringify(type) : 'none'})`);
     }
+    // Too big: answered at once, without reading the rest; the socket is then closed (Node stops reading it).
+    const tooBig = (size: string) =>
+      new HttpProblem(400, `the body is ${size} bytes; the limit is ${MAX_BODY} bytes (64 KiB): send a shorter line`, { Connection: 'close' });
     const declared = Number(req.headers['content-length']);
-    if (declared > MAX_DRAIN) {
-      req.destroy();
-      throw new HttpProblem(400, `the body is ${declared} bytes; the limit is ${MAX_BODY} bytes`, { Connection: 'close' });
-    }
+    if (declared > MAX_BODY) throw tooBig(String(declared));
     const chunks: Buffer[] = [];
     let size = 0;
     await new Promise<void>((resolve, reject) => {
-      req.on('data', (chunk: Buffer) => {
+      const onData = (chunk: Buffer) => {
         size += chunk.length;
         if (size <= MAX_BODY) chunks.push(chunk);
-        else if (size > MAX_DRAIN) {
-          req.destroy();
-          reject(new HttpProblem(400, `the body is over ${MAX_BODY} bytes; send less`));
+        else {
+          req.off('data', onData);
+          reject(tooBig(`over ${MAX_BODY}`));
         }
-      });
+      };
+      req.on('data', onData);
       req.on('end', () => resolve());
       req.on('error', (e) => reject(e));
       req.on('close', () => resolve());
     });
-    if (size > MAX_BODY) throw bad(`the body is ${size} bytes; the limit is ${MAX_BODY} bytes (64 KiB): send a shorter line`);
     const text = Buffer.concat(chunks).toString('utf8');
     if (text.trim() === '') throw bad('the body is empty; send a JSON object like {"line": "text"}');
     try {
@@ -680,8 +1306,8 @@ export class HttpApi {
     }
   }
 
-  private async sendOne(res: http.ServerResponse, id: string, body: { line: string; timeout: number; accepted: boolean }): Promise<void> {
-    const outcome = await this.withSendSlot(() => this.fleet.send(id, body.line, { timeout: body.timeout, accepted: body.accepted }));
+  private async sendOne(res: http.ServerResponse, id: string, body: { line: string; timeout: number; accepted: boolean }, address: string): Promise<void> {
+    const outcome = await this.withSendSlot(() => this.timed(address, () => this.fleet.send(id, body.line, { timeout: body.timeout, accepted: body.accepted })));
     this.log.info('HTTP message', outcome.error ? { to: id, status: outcome.status, error: outcome.error } : { to: id, status: outcome.status });
     if (outcome.status !== 'failed') return this.json(res, 200, { id, status: outcome.status });
     // Too long for the device's link (a mesh node: one frame) or the fleet's sends are full (issue 14 items 13 and 5).
@@ -694,10 +1320,10 @@ export class HttpApi {
     this.json(res, timedOut ? 504 : 503, { id, status: 'failed', error });
   }
 
-  private async broadcast(res: http.ServerResponse, body: { line: string; type?: string; timeout: number; accepted: boolean }): Promise<void> {
+  private async broadcast(res: http.ServerResponse, body: { line: string; type?: string; timeout: number; accepted: boolean }, address: string): Promise<void> {
     const opts = { timeout: body.timeout, accepted: body.accepted };
     const outcomes: SendOutcome[] = await this.withSendSlot(() =>
-      (body.type !== undefined ? this.fleet.sendType(body.type, body.line, opts) : this.fleet.sendAll(body.line, opts)).catch((e: unknown) => {
+      this.timed(address, () => (body.type !== undefined ? this.fleet.sendType(body.type, body.line, opts) : this.fleet.sendAll(body.line, opts))).catch((e: unknown) => {
         // The fleet's sends waiting for devices are at their bound (maxPendingSends / maxPendingBytes): nothing was sent.
         if (e instanceof FleetBusyError) throw new HttpProblem(503, e.message, { 'Retry-After': '5' });
         throw e;
@@ -839,6 +1465,7 @@ export class HttpApi {
       const s = totals();
       return [
         ...LIMIT_NAMES.map((n): [Record<string, string>, number] => [{ limit: n }, server.limits[n]]),
+        ...HTTP_LIMIT_NAMES.map((n): [Record<string, string>, number] => [{ limit: n }, this.limits[n]]),
         [{ limit: 'maxLineLength' }, s.longLines],
         [{ limit: 'rxBuffer' }, s.shed],
       ];
@@ -849,6 +1476,15 @@ export class HttpApi {
       registers,
       collect() {
         this.set(server.openConnections);
+      },
+    });
+    const api = this;
+    new prom.Gauge({
+      name: 'tether_http_open_connections',
+      help: 'HTTP and WebSocket sockets open now, as http.maxConnections counts them',
+      registers,
+      collect() {
+        this.set(api.openSockets);
       },
     });
     new prom.Gauge({
@@ -893,12 +1529,34 @@ export class HttpApi {
 
   private upgrade(req: http.IncomingMessage, socket: Socket, head: Buffer): void {
     socket.on('error', () => {});
-    const refuse = (status: number, reason: string, error: string) => {
+    const refuse = (status: number, reason: string, error: string, headers = '') => {
       const body = JSON.stringify({ error });
       socket.end(
-        `HTTP/1.1 ${status} ${reason}\r\nConnection: close\r\nContent-Type: application/json; charset=utf-8\r\nContent-Length: ${Buffer.byteLength(body)}\r\n\r\n${body}`,
+        `HTTP/1.1 ${status} ${reason}\r\nConnection: close\r\nContent-Type: application/json; charset=utf-8\r\nContent-Length: ${Buffer.byteLength(body)}\r\n${headers}\r\n${body}`,
       );
     };
+    // An upgraded socket is never idle in the HTTP sense: it is not closed to make room (maxBrowsers bounds them).
+    const tcp = this.tcpOf(socket);
+    if (tcp) this.idle.delete(tcp);
+    const address = socket.remoteAddress ?? '?';
+    const t0 = performance.now();
+    try {
+      this.admit(req.headers.host, address, t0);
+    } catch (e) {
+      const p = e as HttpProblem;
+      const reasons: Record<number, string> = { 421: 'Misdirected Request', 429: 'Too Many Requests', 503: 'Service Unavailable' };
+      return refuse(
+        p.status,
+        reasons[p.status] ?? 'Refused',
+        p.message,
+        Object.entries(p.headers)
+          .filter(([k]) => k !== 'Connection')
+          .map(([k, v]) => `${k}: ${v}\r\n`)
+          .join(''),
+      );
+    } finally {
+      this.charge(address, performance.now() - t0);
+    }
     let p: string;
     try {
       p = new URL(req.url ?? '/', 'http://localhost').pathname;
@@ -922,19 +1580,30 @@ export class HttpApi {
       this.log.warn('WebSocket refused: too many browsers', { max: this.maxBrowsers, remote: socket.remoteAddress });
       return refuse(503, 'Service Unavailable', `${this.maxBrowsers} browsers are connected already; close one and retry`);
     }
-    this.wss.handleUpgrade(req, socket, head, (ws) => this.onBrowser(ws, `${socket.remoteAddress}:${socket.remotePort}`));
+    this.wss.handleUpgrade(req, socket, head, (ws) => this.onBrowser(ws, `${socket.remoteAddress}:${socket.remotePort}`, address));
   }
 
-  private onBrowser(ws: WebSocket, remote: string): void {
+  private onBrowser(ws: WebSocket, remote: string, address: string): void {
     const b: Browser = {
       ws,
       remote,
+      address,
       filter: { ...DEFAULT_FILTER },
       selected: null,
       shown: new Set(),
+      complete: false,
+      total: 0,
+      sentTotal: 0,
+      countedAt: 0,
+      countStale: false,
       changed: new Set(),
       timer: null,
       lastUpdate: 0,
+      want: null,
+      workTimer: null,
+      lastInit: -Infinity,
+      messages: new TokenBucket(BROWSER_MESSAGES.perSecond / 1000, BROWSER_MESSAGES.burst, performance.now()),
+      resumeTimer: null,
       alive: true,
     };
     this.browsers.add(b);
@@ -944,13 +1613,56 @@ export class HttpApi {
     ws.on('error', (e) => this.log.debug('browser socket error', { remote, error: e.message }));
     ws.on('close', (code) => {
       this.browsers.delete(b);
-      if (b.timer) clearTimeout(b.timer);
+      this.stopBrowser(b);
       this.log.debug('browser disconnected', { remote, code });
     });
-    this.sendInit(b);
+    this.ask(b, 'init');
+  }
+
+  private stopBrowser(b: Browser): void {
+    for (const t of [b.timer, b.workTimer, b.resumeTimer]) if (t) clearTimeout(t);
+    b.timer = b.workTimer = b.resumeTimer = null;
+    b.want = null;
+  }
+
+  /**
+   * Message rate and budget of one browser: past BROWSER_MESSAGES, or while its
+   * address owes event-loop time, its socket is paused (the kernel's buffers fill,
+   * TCP slows the sender) until it may go on.
+   */
+  private meter(b: Browser): boolean {
+    const now = performance.now();
+    b.messages.take(1, now);
+    if (b.messages.tokens(now) < -FLOOD_DEBT) {
+      // Far past its rate (what was already read before the pause took hold): not a dashboard. Its slot is freed.
+      this.hit('httpLoad', 'browser dropped: it floods the server with messages', {
+        remote: b.remote,
+        hint: `a dashboard sends a few messages a second; at most ${BROWSER_MESSAGES.perSecond}/s are read from one browser`,
+      });
+      b.ws.terminate();
+      return false;
+    }
+    const wait = Math.max(b.messages.waitFor(0, now), this.budget.wait(b.address, now).ms);
+    if (wait <= 0 || b.resumeTimer) return true;
+    this.hit('httpLoad', 'browser paused: too many messages, or over its share of the server time', {
+      remote: b.remote,
+      pausedMs: Math.ceil(wait),
+      hint: `a dashboard sends a few messages a second; at most ${BROWSER_MESSAGES.perSecond}/s are read from one browser`,
+    });
+    b.ws.pause();
+    b.resumeTimer = setTimeout(() => {
+      b.resumeTimer = null;
+      if (b.ws.readyState === WebSocket.OPEN) b.ws.resume();
+    }, Math.ceil(wait));
+    b.resumeTimer.unref();
+    return true;
   }
 
   private onBrowserMessage(b: Browser, data: Buffer | Buffer[] | ArrayBuffer, isBinary: boolean): void {
+    if (b.ws.readyState !== WebSocket.OPEN) return; // dropped: what it had sent before is not read
+    const t0 = performance.now();
+    if (!this.meter(b)) return;
+    let then: 'init' | 'page' | null = null;
     try {
       const buf = Array.isArray(data) ? Buffer.concat(data) : Buffer.from(data as ArrayBuffer);
       if (isBinary) throw bad('send text frames with JSON, not binary');
@@ -959,12 +1671,15 @@ export class HttpApi {
       try {
         raw = JSON.parse(buf.toString('utf8'));
       } catch (e) {
-        throw bad(`not valid JSON (${(e as Error).message}); send {"t": "FILT", …} or {"t": "SEL", "id": "…"}`);
+        throw bad(`not valid JSON (${(e as Error).message}); send {"t": "FILT", …}, {"t": "MORE"} or {"t": "SEL", "id": "…"}`);
       }
       const m = validate.wsMessage(raw, b.filter);
       if (m.t === 'FILT') {
+        // Only the filter changes now; the INIT follows (one for a burst of FILTs, with the last filter).
         b.filter = m.filter;
-        this.sendInit(b);
+        then = 'init';
+      } else if (m.t === 'MORE') {
+        then = 'page';
       } else {
         b.selected = m.id;
       }
@@ -973,55 +1688,221 @@ export class HttpApi {
       if (!(e instanceof HttpProblem)) this.log.error('WebSocket message failed', { error: (e as Error).stack ?? String(e) });
       this.sendTo(b, { t: 'ERR', error });
     }
+    this.charge(b.address, performance.now() - t0);
+    if (then) this.ask(b, then);
   }
 
+  /** A browser asks for an INIT (after FILT, or on connecting) or for its next PAGE (MORE); the work is coalesced and budgeted. */
+  private ask(b: Browser, what: 'init' | 'page'): void {
+    if (what === 'init') b.want = 'init'; // an INIT also answers a MORE still waiting
+    else if (b.want === null) b.want = 'page';
+    else return;
+    this.scheduleWork(b);
+  }
+
+  private scheduleWork(b: Browser): void {
+    if (b.workTimer || b.want === null || this.closed) return;
+    const gap = b.want === 'init' ? b.lastInit + INIT_INTERVAL - Date.now() : 0;
+    const wait = Math.max(gap, this.budget.wait(b.address, performance.now()).ms);
+    if (wait <= 0) return this.doWork(b);
+    b.workTimer = setTimeout(() => {
+      b.workTimer = null;
+      this.doWork(b);
+    }, Math.ceil(wait));
+    b.workTimer.unref();
+  }
+
+  private doWork(b: Browser): void {
+    if (b.ws.readyState !== WebSocket.OPEN || b.want === null) return;
+    const t0 = performance.now();
+    if (this.budget.wait(b.address, t0).ms > 0 || (b.want === 'init' && Date.now() < b.lastInit + INIT_INTERVAL)) return this.scheduleWork(b);
+    const what = b.want;
+    b.want = null;
+    if (what === 'init') this.sendInit(b);
+    else this.sendPage(b);
+    this.charge(b.address, performance.now() - t0);
+  }
+
+  /** The light row a page is selected from. */
+  private rowOf(c: Connection): Row {
+    return { conn: c, id: c.id, type: this.fleet.typeOf(c), meta: c.meta, status: c.state, lastSeen: c.lastSeen || null, counters: c.counters };
+  }
+
+  /**
+   * One page of the devices matching `f`, in its order, leaving out `exclude`:
+   * without describing or sorting every device (a bounded heap). `total`: devices
+   * matching `f`; `rest`: matching, not excluded, after this page.
+   */
+  private pick(f: Filter, offset: number, limit: number, exclude: Set<string> | null = null): { rows: Row[]; total: number; rest: number } {
+    let total = 0;
+    const rows = this.server.connections().map((c) => this.rowOf(c));
+    const { page, kept } = selectTop(
+      rows,
+      (r) => {
+        if (!matchesFilter(r, f)) return false;
+        total++;
+        return exclude === null || !exclude.has(r.id);
+      },
+      compareDevices(f),
+      offset,
+      limit,
+    );
+    return { rows: page, total, rest: Math.max(0, kept - offset - page.length) };
+  }
+
+  /** Devices matching `f`. */
+  private count(f: Filter): number {
+    let n = 0;
+    for (const c of this.server.connections()) if (matchesFilter(this.rowOf(c), f)) n++;
+    return n;
+  }
+
+  /** The DeviceInfo JSON of `rows`, in order, until PAGE_BYTES (at least one). */
+  private pageJson(rows: Row[]): { parts: string[]; ids: string[] } {
+    const parts: string[] = [];
+    const ids: string[] = [];
+    let bytes = 0;
+    for (const r of rows) {
+      const j = JSON.stringify(this.fleet.describe(r.conn));
+      const n = Buffer.byteLength(j) + 1;
+      if (parts.length > 0 && bytes + n > PAGE_BYTES) break;
+      parts.push(j);
+      ids.push(r.id);
+      bytes += n;
+    }
+    return { parts, ids };
+  }
+
+  /** INIT: the first page of devices matching the browser's filter, how many match, and whether that is all of them. */
   private sendInit(b: Browser): void {
-    const devices = selectDevices(this.fleet.list(), b.filter);
-    b.shown = new Set(devices.map((d) => d.id));
+    const { rows, total, rest } = this.pick(b.filter, 0, this.limitOptions.pageSize);
+    const { parts, ids } = this.pageJson(rows);
+    b.shown = new Set(ids);
     b.changed.clear();
     if (b.timer) clearTimeout(b.timer);
     b.timer = null;
-    this.sendTo(b, { t: 'INIT', devices, filter: b.filter });
+    b.complete = rest + rows.length - ids.length === 0;
+    b.total = b.sentTotal = total;
+    b.countedAt = Date.now();
+    b.countStale = false;
+    b.lastInit = Date.now();
+    this.sendRaw(b, `{"t":"INIT","devices":[${parts.join(',')}],"filter":${JSON.stringify(b.filter)},"total":${total},"complete":${b.complete}}`);
+  }
+
+  /** PAGE: the next devices matching the filter that this browser has not been sent, in order. */
+  private sendPage(b: Browser): void {
+    if (b.complete) {
+      this.sendRaw(b, `{"t":"PAGE","devices":[],"total":${b.total},"complete":true}`);
+      return;
+    }
+    const { rows, total, rest } = this.pick(b.filter, 0, this.limitOptions.pageSize, b.shown);
+    const { parts, ids } = this.pageJson(rows);
+    for (const id of ids) b.shown.add(id);
+    b.complete = rest + rows.length - ids.length === 0;
+    b.total = b.sentTotal = total;
+    b.countedAt = Date.now();
+    b.countStale = false;
+    this.sendRaw(b, `{"t":"PAGE","devices":[${parts.join(',')}],"total":${total},"complete":${b.complete}}`);
   }
 
   private changed(id: string): void {
     const now = Date.now();
     for (const b of this.browsers) {
-      b.changed.add(id);
-      if (!b.timer) {
-        b.timer = setTimeout(() => this.flush(b), Math.max(0, b.lastUpdate + UPDT_INTERVAL - now));
-        b.timer.unref();
+      if (!b.complete && !b.shown.has(id)) {
+        // Not on this browser's pages: it only moves the count, refreshed now and then.
+        if (!b.countStale) {
+          b.countStale = true;
+          this.scheduleFlush(b, now);
+        }
+        continue;
       }
+      b.changed.add(id);
+      this.scheduleFlush(b, now);
     }
   }
 
-  /** One UPDT with every changed device that matches the filter (and `removed`: IDs shown before that no longer match). */
+  private scheduleFlush(b: Browser, now: number): void {
+    if (b.timer) return;
+    const countOnly = b.changed.size === 0;
+    const at = countOnly ? Math.max(b.lastUpdate + UPDT_INTERVAL, b.countedAt + COUNT_INTERVAL) : b.lastUpdate + UPDT_INTERVAL;
+    b.timer = setTimeout(() => this.flush(b), Math.max(0, at - now));
+    b.timer.unref();
+  }
+
+  /**
+   * One UPDT: changed devices that match the filter (at most a page of them; the
+   * rest go with the next), `removed`: IDs shown before that no longer match, and
+   * `total` when the count of matching devices changed.
+   */
   private flush(b: Browser): void {
     b.timer = null;
-    const devices: DeviceInfo[] = [];
+    if (b.ws.readyState !== WebSocket.OPEN) return;
+    const t0 = performance.now();
+    const owed = this.budget.wait(b.address, t0).ms;
+    if (owed > 0) {
+      b.timer = setTimeout(() => this.flush(b), Math.ceil(owed));
+      b.timer.unref();
+      return;
+    }
+    const now = Date.now();
+    const infos: DeviceInfo[] = [];
     const removed: string[] = [];
     for (const id of b.changed) {
-      const d = this.fleet.info(id);
+      if (infos.length >= this.limitOptions.pageSize) break;
+      b.changed.delete(id);
+      const c = this.server.get(id);
+      const d = c ? this.fleet.describe(c) : undefined;
       if (d && matchesFilter(d, b.filter)) {
-        devices.push(d);
-        b.shown.add(id);
-      } else if (b.shown.delete(id)) removed.push(id);
+        if (b.complete || b.shown.has(id)) infos.push(d);
+      } else if (b.shown.delete(id)) {
+        removed.push(id);
+        if (!b.complete) b.countStale = true;
+      }
     }
-    b.changed.clear();
-    if (devices.length === 0 && removed.length === 0) return;
-    b.lastUpdate = Date.now();
-    devices.sort(compareDevices(b.filter));
-    this.sendTo(b, removed.length > 0 ? { t: 'UPDT', devices, removed } : { t: 'UPDT', devices });
+    infos.sort(compareDevices(b.filter));
+    const parts: string[] = [];
+    let bytes = 0;
+    for (const d of infos) {
+      const j = JSON.stringify(d);
+      const n = Buffer.byteLength(j) + 1;
+      if (parts.length > 0 && bytes + n > PAGE_BYTES) {
+        b.changed.add(d.id); // with the next UPDT
+        continue;
+      }
+      parts.push(j);
+      bytes += n;
+      b.shown.add(d.id);
+    }
+    if (b.complete) b.total = b.shown.size;
+    else if (b.countStale && now - b.countedAt >= COUNT_INTERVAL) {
+      b.total = this.count(b.filter);
+      b.countedAt = now;
+      b.countStale = false;
+    }
+    if (parts.length > 0 || removed.length > 0 || b.total !== b.sentTotal) {
+      b.lastUpdate = now;
+      let msg = `{"t":"UPDT","devices":[${parts.join(',')}]`;
+      if (removed.length > 0) msg += `,"removed":${JSON.stringify(removed)}`;
+      if (b.total !== b.sentTotal) msg += `,"total":${b.total}`;
+      b.sentTotal = b.total;
+      this.sendRaw(b, msg + '}');
+    }
+    this.charge(b.address, performance.now() - t0);
+    if (b.changed.size > 0 || (!b.complete && b.countStale)) this.scheduleFlush(b, now);
   }
 
   private sendTo(b: Browser, msg: object): void {
+    this.sendRaw(b, JSON.stringify(msg));
+  }
+
+  private sendRaw(b: Browser, text: string): void {
     if (b.ws.readyState !== WebSocket.OPEN) return;
     if (b.ws.bufferedAmount > this.maxBrowserQueue) {
       this.log.warn('browser dropped: it reads too slowly', { remote: b.remote, queued: b.ws.bufferedAmount, max: this.maxBrowserQueue });
       b.ws.terminate();
       return;
     }
-    b.ws.send(JSON.stringify(msg));
+    b.ws.send(text);
   }
 
   private ping(): void {

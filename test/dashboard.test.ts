@@ -90,7 +90,7 @@ interface Rig {
 
 async function rig(opts: { timeout?: number; token?: string } = {}): Promise<Rig> {
   const timeout = opts.timeout ?? 2000;
-  const server = await Server.listen({ host: '127.0.0.1', port: 0, timeout, logger: silentLogger, maxConnectionsPerAddress: 2000 });
+  const server = await Server.listen({ host: '127.0.0.1', port: 0, timeout, logger: silentLogger, maxConnectionsPerAddress: 2000, idLineTypes: true });
   const fleet = new Fleet(server, { lamp: ['lamp-*'] });
   const api = new HttpApi({ server, fleet, host: '127.0.0.1', port: 0, token: opts.token ?? null });
   await api.listen();

@@ -44,7 +44,7 @@ interface StartOptions {
 
 async function start(t: ExecutionContext, opts: StartOptions = {}): Promise<Setup> {
   const { maxLineLength, sink, ...apiOpts } = opts;
-  const server = await Server.listen({ host: '127.0.0.1', port: 0, timeout: T, settleDelay: 0, maxLineLength, logger: silentLogger });
+  const server = await Server.listen({ host: '127.0.0.1', port: 0, timeout: T, settleDelay: 0, maxLineLength, idLineTypes: true, logger: silentLogger });
   const fleet = new Fleet(server, TYPES);
   const logger = sink ? createLogger({ level: 'debug', sink }) : silentLogger;
   const api = new HttpApi({ server, fleet, host: '127.0.0.1', port: 0, logger, ...apiOpts });
@@ -174,7 +174,7 @@ test('GET /api/devices lists devices with filters and sorting; bad parameters ar
     'sorted by ID, numbers in IDs compared as numbers',
   );
   const d = all.body.devices[0];
-  t.deepEqual(Object.keys(d).sort(), ['counters', 'id', 'lastSeen', 'meta', 'remote', 'status', 'telemetry', 'type']);
+  for (const k of ['counters', 'id', 'lastSeen', 'meta', 'remote', 'status', 'telemetry', 'type']) t.true(k in d, `DeviceInfo has ${k}`);
   t.deepEqual(d.meta, { room: 'Kitchen' });
 
   t.deepEqual(await ids('?type=lamp'), ['lamp-1', 'lamp-2']);
@@ -619,7 +619,8 @@ test('WebSocket: invalid messages get ERR and the socket lives on; cross-origin 
   const cases: Array<[string | Buffer, RegExp]> = [
     ['not json', /not valid JSON/],
     ['[]', /send a JSON object/],
-    ['{"t":"NOPE"}', /unknown message type "NOPE"; send "t": "FILT" or "t": "SEL"/],
+    ['{"t":"NOPE"}', /unknown message type "NOPE"; send "t": "FILT", "MORE" or "SEL"/],
+    ['{"t":"MORE","n":5}', /MORE: unknown key "n"/],
     ['{"t":"FILT","sort":"colour"}', /FILT "sort" must be one of id, type/],
     ['{"t":"FILT","status":"closed"}', /FILT "status" \(or null\) must be one of up, down/],
     ['{"t":"FILT","type":5}', /FILT "type" must be a type name, or null/],
@@ -787,7 +788,23 @@ test('config: the "http" section, its defaults, null to turn it off, and its err
   t.deepEqual(resolveConfig({ http: { port: 0, token: 'abc' } }).http, { host: '127.0.0.1', port: 0, token: 'abc', tls: null });
   t.deepEqual(resolveConfig({ http: { tls: { key: 'a.key', cert: 'a.crt' } } }, 'local.json', '/etc/tether').http?.tls, { key: '/etc/tether/a.key', cert: '/etc/tether/a.crt' });
   t.throws(() => resolveConfig({ http: { port: 'x' } }), { message: /"http" must be an object whose "port" is an integer from 0 to 65535/ });
-  t.throws(() => resolveConfig({ http: { prot: 1 } }), { message: /"http" must be an object with known keys only \(host, port, token, tls\); "prot" is unknown/ });
+  t.throws(() => resolveConfig({ http: { prot: 1 } }), { message: /"http" must be an object with known keys only \(host, port, token, tls, allowedHosts, maxConnections, .*pageSize\); "prot" is unknown/ });
+  // The limits: each validated with what it must be; defaults come from HTTP_LIMIT_DEFAULTS when the HttpApi starts.
+  const lim = { allowedHosts: ['gateway.local', '.example.com', '192.168.1.10', '[fe80::1]'], maxConnections: 100, maxConnectionsPerAddress: 10, headersTimeout: 5000, requestTimeout: 20000, keepAliveTimeout: 2000, maxClientLoad: 0.05, maxLoad: 0.2, pageSize: 100 };
+  t.like(resolveConfig({ http: lim }).http, lim);
+  for (const [k, v, re] of [
+    ['allowedHosts', 'gateway.local', /"allowedHosts" is a list of the host names this server is reached by, without ports/],
+    ['allowedHosts', ['gateway.local:8124'], /without ports/],
+    ['allowedHosts', ['http://x'], /a list of the host names/],
+    ['maxConnections', 0, /"maxConnections" is an integer from 1 to 1000000/],
+    ['headersTimeout', 50, /"headersTimeout" is an integer from 100 to 3600000/],
+    ['keepAliveTimeout', 0, /"keepAliveTimeout" is an integer from 100/],
+    ['maxLoad', 1.5, /"maxLoad" is a number above 0 and at most 1/],
+    ['maxClientLoad', '10%', /"maxClientLoad" is a number above 0 and at most 1/],
+    ['pageSize', 20000, /"pageSize" is an integer from 1 to 10000/],
+  ] as const) {
+    t.throws(() => resolveConfig({ http: { [k]: v } }), { message: re }, `${k}: ${JSON.stringify(v)}`);
+  }
   t.throws(() => resolveConfig({ http: { token: '' } }), { message: /"token" is null or a non-empty string/ });
   t.throws(() => resolveConfig({ http: true }), { message: /"http" must be null \(off\) or \{ "host"/ });
 });
