@@ -600,9 +600,9 @@ export class Server extends EventEmitter {
       conn = this.create(id, durable, declared);
     }
     conn.declare(declared.type, declared.meta); // a device may declare new metadata on every connect
-    this.store?.declared(id, conn.declaredType, conn.meta);
-    const boot = declared.meta?.boot;
-    conn.attach(link, rest, typeof boot === 'string' && boot.length > 0 ? boot : undefined);
+    const boot = typeof declared.meta?.boot === 'string' && declared.meta.boot.length > 0 ? declared.meta.boot : undefined;
+    this.store?.linked(id, conn.declaredType, conn.meta, boot);
+    conn.attach(link, rest, boot);
     this.emit('attach', conn, link);
   }
 

@@ -16,8 +16,9 @@
  *   {"m": [key, mid]}     it went on the wire with this message id
  *   {"a": key}            the peer ACKed it
  *   {"d": key}            the writer gave up on it (aborted)
- *   {"r": [mid, payload]} a message line received (new or repeat, in order)
- *   {"r": [mid]}          a repeat of a message with a nonzero id (its payload is not needed again)
+ *   {"n": [mid, payload]} a new message line received (it waits for the app)
+ *   {"p": mid}            a repeat of a message already received (ACKed, not delivered: only the ring changes)
+ *   {"r": [mid, payload]} (journals of earlier versions) a message line, new or repeat as the ring decides on replay
  *   {"t": 1}              the app took the oldest received line
  *   {"y": [type, meta]}   the type and metadata the device declared in its ID line
  *
@@ -72,8 +73,12 @@ export interface Journal {
   sent(key: number, mid: number): void;
   acked(key: number): void;
   dropped(key: number): void;
-  /** Every received message line, new or repeat. */
-  received(mid: number, payload: string): void;
+  /**
+   * Every received message line, new or repeat. `fresh`: the receiver's own
+   * verdict (new = delivered); without it the journal decides with its copy of
+   * the duplicate filter, which follows the links through FileStore.linked().
+   */
+  received(mid: number, payload: string, fresh?: boolean): void;
   taken(): void;
   close(): void;
   /** True while nothing reaches the disk for this device (a write failed; retried in the background). */
@@ -93,7 +98,12 @@ export interface StoreOptions {
    * exceeds its snapshot + max(compactBytes, snapshot) + one record. Default 1 MiB.
    */
   compactBytes?: number;
-  /** Journal files kept open at once; idle ones are closed and reopened when needed. Default 256. */
+  /**
+   * Journal files kept open at once; idle ones are closed and reopened when
+   * needed. Default 256, and never more than a quarter of the process's
+   * open-file limit (`ulimit -n`) unless set explicitly. Running out of file
+   * descriptors anyway closes half of them and lowers the cap for the rest of the run.
+   */
   maxOpenFiles?: number;
   logger?: Logger;
 }
@@ -318,11 +328,12 @@ class State {
       case 'd':
         if (!isKey(v)) damage(`"${k}" record is not a key`);
         break;
+      case 'n':
       case 'r':
-        if (!Array.isArray(v) || !isMid(v[0])) damage('"r" record is not [message id 0-255, line]');
-        if (v.length === 1) {
-          if (v[0] === 0 || !this.filter.isRepeat(v[0], '')) damage('"r" record without a line is not a repeat');
-        } else if (v.length !== 2 || !isPayload(v[1])) damage('"r" record is not [message id 0-255, line]');
+        if (!Array.isArray(v) || v.length !== 2 || !isMid(v[0]) || !isPayload(v[1])) damage(`"${k}" record is not [message id 0-255, line]`);
+        break;
+      case 'p':
+        if (!isMid(v)) damage('"p" record is not a message id (0-255)');
         break;
       case 't':
         if (v !== 1) damage('"t" record is not 1');
@@ -353,9 +364,17 @@ class State {
       this.outbound.delete(rec.a as number);
     } else if ('d' in rec) {
       this.outbound.delete(rec.d as number);
+    } else if ('n' in rec) {
+      // The ring as the receiver's filter left it for a new message.
+      const [mid, payload] = rec.n as [number, string];
+      this.filter.ring.isNew(mid);
+      if (mid === 0) this.filter.lastMid0 = payload;
+      this.inbound.push(payload);
+    } else if ('p' in rec) {
+      this.filter.ring.mark(rec.p as number);
     } else if ('r' in rec) {
-      const r = rec.r as [number, string?];
-      if (this.filter.accept(r[0], r[1] ?? '') && r[1] !== undefined) this.inbound.push(r[1]);
+      const [mid, payload] = rec.r as [number, string];
+      if (this.filter.accept(mid, payload)) this.inbound.push(payload);
     } else if ('t' in rec) {
       this.inbound.shift();
     } else if ('y' in rec) {
@@ -494,6 +513,21 @@ function writeHint(code: string): string {
   }
 }
 
+let fdLimit: number | null | undefined;
+
+/** This process's soft limit on open files (Linux: /proc/self/limits), or null if unknown or unlimited. */
+function openFileLimit(): number | null {
+  if (fdLimit !== undefined) return fdLimit;
+  fdLimit = null;
+  try {
+    const m = /^Max open files\s+(\d+)/m.exec(fs.readFileSync('/proc/self/limits', 'utf8'));
+    if (m) fdLimit = Number(m[1]);
+  } catch {
+    // not Linux: the cap is maxOpenFiles, and running out of descriptors is handled when it happens
+  }
+  return fdLimit;
+}
+
 interface Throttle {
   start: number;
   logged: number;
@@ -525,8 +559,19 @@ export class FileStore {
     this.fsync = o.fsync;
     this.compactEvery = o.compactEvery;
     this.compactBytes = o.compactBytes;
-    this.maxOpenFiles = this.openCap = o.maxOpenFiles;
     this.log = opts.logger;
+    let cap = o.maxOpenFiles;
+    const limit = openFileLimit();
+    if (opts.maxOpenFiles === undefined && limit !== null && cap > Math.floor(limit / 4)) {
+      // The default leaves three quarters of the descriptors to sockets, or new device links would be refused.
+      cap = Math.max(1, Math.floor(limit / 4));
+      this.log?.info('persist: fewer journal files kept open than the default, to leave descriptors for sockets', {
+        maxOpenFiles: cap,
+        openFileLimit: limit,
+        hint: 'raise the process limit (ulimit -n) to keep more open, or set persist.maxOpenFiles',
+      });
+    }
+    this.maxOpenFiles = this.openCap = cap;
     try {
       fs.mkdirSync(this.dir, { recursive: true });
       if (!fs.statSync(this.dir).isDirectory()) throw Object.assign(new Error('not a folder'), { code: 'ENOTDIR' });
@@ -581,6 +626,7 @@ export class FileStore {
       return [];
     }
     const out: Array<{ id: string; restored: RestoredState; journal: Journal }> = [];
+    const quarantinedBefore = this.counts.quarantined;
     let skipped = 0;
     for (const name of names) {
       let file = path.join(this.dir, name);
@@ -628,12 +674,16 @@ export class FileStore {
     if (skipped > 0) {
       this.log?.info('journals left on disk without a Connection (ID not allowed, or maxDevices reached)', { count: skipped, dir: this.dir });
     }
-    if (out.length > 0) {
-      this.log?.info('journals restored', {
+    const quarantined = this.counts.quarantined - quarantinedBefore;
+    if (out.length > 0 || quarantined > 0) {
+      const fields = {
         devices: out.length,
         outbound: out.reduce((n, r) => n + r.restored.outbound.length, 0),
         inbound: out.reduce((n, r) => n + r.restored.inbound.length, 0),
-      });
+        quarantined,
+      };
+      if (quarantined > 0) this.log?.warn('journals restored', { ...fields, hint: 'damaged journals were moved aside (see the records before this one); their devices start afresh' });
+      else this.log?.info('journals restored', fields);
     }
     return out;
   }
@@ -695,9 +745,14 @@ export class FileStore {
     return { restored: null, journal };
   }
 
-  /** Records the type and metadata `id` declared (restored with its Connection after a restart). */
-  declared(id: string, type: string | undefined, meta: Record<string, unknown> | undefined): void {
-    this.journals.get(id)?.declared(type ?? null, meta && Object.keys(meta).length > 0 ? meta : null);
+  /**
+   * A new link of `id` begins (call it before the Connection takes the link):
+   * records the type and metadata it declared (restored with its Connection
+   * after a restart) and lets the journal's duplicate filter follow the link
+   * and the boot id, as the Connection's does.
+   */
+  linked(id: string, type: string | undefined, meta: Record<string, unknown> | undefined, boot?: string): void {
+    this.journals.get(id)?.linked(type ?? null, meta && Object.keys(meta).length > 0 ? meta : null, boot);
   }
 
   /** Deletes the journal of `id` (a Connection retired by its app starts afresh). Never throws. */
@@ -962,8 +1017,9 @@ class FileJournal implements Journal {
     this.store.failed(this, 'read', Object.assign(new Error(code), { code }), true);
   }
 
-  private append(rec: Record<string, unknown>): void {
-    this.state.apply(rec);
+  /** Applies `rec` to the state (unless `applied` already) and writes it, or degrades on failure. */
+  private append(rec: Record<string, unknown>, applied = false): void {
+    if (!applied) this.state.apply(rec);
     if (this.closed || this.blocked) return;
     if (this.failure !== null) {
       if (Date.now() >= this.retryAt) this.retry(Date.now());
@@ -1082,7 +1138,8 @@ class FileJournal implements Journal {
     }
   }
 
-  declared(type: string | null, meta: Record<string, unknown> | null): void {
+  linked(type: string | null, meta: Record<string, unknown> | null, boot: string | undefined): void {
+    this.state.filter.newLink(boot);
     if (type === this.state.type && JSON.stringify(meta) === JSON.stringify(this.state.meta)) return;
     this.append({ y: [type, meta] });
   }
@@ -1103,9 +1160,15 @@ class FileJournal implements Journal {
     this.append({ d: key });
   }
 
-  received(mid: number, payload: string): void {
-    // A repeat with a nonzero id changes only the ring: its payload is not written again.
-    this.append(mid !== 0 && this.state.filter.isRepeat(mid, payload) ? { r: [mid] } : { r: [mid, payload] });
+  received(mid: number, payload: string, fresh?: boolean): void {
+    // The verdict goes into the record, so a replay never has to decide again (a repeat costs a few bytes).
+    const own = this.state.filter.accept(mid, payload);
+    if (fresh ?? own) {
+      this.state.inbound.push(payload);
+      this.append({ n: [mid, payload] }, true);
+    } else {
+      this.append({ p: mid }, true);
+    }
   }
 
   taken(): void {
