@@ -28,6 +28,8 @@ const state = {
   falseOutages: 0,
   acked: 0,
   echoed: 0,
+  /** Longest write-to-ACK time seen in the throughput loop (ms). */
+  ackMax: 0,
   ackRtt: [] as number[],
   echoRtt: [] as number[],
 };
@@ -68,7 +70,9 @@ async function throughputLoop(job: Job, c: Client, body: string): Promise<void> 
   reader.catch(() => {});
   if (job.wait !== false) {
     while (running) {
+      const t0 = performance.now();
       await c.write(body).catch(() => {});
+      state.ackMax = Math.max(state.ackMax, performance.now() - t0);
       state.acked++;
     }
     return;
@@ -76,8 +80,10 @@ async function throughputLoop(job: Job, c: Client, body: string): Promise<void> 
   // Windowed: keep up to `window` writes outstanding (the write queue bounds it too).
   const inflight = new Set<Promise<void>>();
   while (running) {
+    const t0 = performance.now();
     const p: Promise<void> = c.write(body, { wait: false }).then(
       () => {
+        state.ackMax = Math.max(state.ackMax, performance.now() - t0);
         state.acked++;
         inflight.delete(p);
       },
@@ -159,6 +165,8 @@ process.on('message', async (m: { cmd: string; job?: Job }) => {
       falseOutages: state.falseOutages,
       acked: state.acked,
       echoed: state.echoed,
+      ackMax: state.ackMax,
+      retransmits: clients.reduce((a, c) => a + c.counters.retransmits, 0),
       cpu: process.cpuUsage(),
       rss: process.memoryUsage().rss,
     });

@@ -10,7 +10,8 @@ import { Connection, Server, silentLogger } from '../src';
 
 const mode = process.argv[2] as 'tether' | 'ceiling';
 const timeout = Number(process.argv[3] ?? 2000);
-const echoWait = process.argv[4] !== 'window';
+/** wait: the echo writes with wait=true; window: wait=false, awaited only when 32 are queued; readme: the README's loop, each qos write awaited. */
+const echo = (process.argv[4] ?? 'wait') as 'wait' | 'window' | 'readme';
 const lag = monitorEventLoopDelay({ resolution: 10 });
 lag.enable();
 
@@ -23,7 +24,11 @@ async function tether(): Promise<() => object> {
   server.on('connection', (conn: Connection) => {
     void (async () => {
       for await (const line of conn) {
-        const p = conn.write(line, { wait: echoWait });
+        if (echo === 'readme') {
+          await conn.write(line, { qos: true, wait: false }).catch(() => {});
+          continue;
+        }
+        const p = conn.write(line, { wait: echo === 'wait' });
         p.catch(() => {});
         if (conn.queuedWrites >= 32) await p.catch(() => {});
       }
@@ -35,13 +40,17 @@ async function tether(): Promise<() => object> {
     let outages = 0;
     let messagesIn = 0;
     let messagesOut = 0;
+    let retransmits = 0;
+    let shed = 0;
     for (const c of server.connections()) {
       if (c.isUp) up++;
       outages += c.counters.outages;
       messagesIn += c.counters.messagesIn;
       messagesOut += c.counters.messagesOut;
+      retransmits += c.counters.retransmits;
+      shed += c.counters.shed;
     }
-    return { up, outages, messagesIn, messagesOut };
+    return { up, outages, messagesIn, messagesOut, retransmits, shed };
   };
 }
 
@@ -56,7 +65,7 @@ async function ceiling(): Promise<() => object> {
   });
   await new Promise<void>((r) => srv.listen(0, '127.0.0.1', () => r()));
   send({ type: 'ready', port: (srv.address() as net.AddressInfo).port });
-  return () => ({ up, outages: 0, messagesIn: 0, messagesOut: 0 });
+  return () => ({ up, outages: 0, messagesIn: 0, messagesOut: 0, retransmits: 0, shed: 0 });
 }
 
 void (async () => {

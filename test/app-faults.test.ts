@@ -109,3 +109,16 @@ test('a device whose app stopped reading is reported stalled (log, API), not lef
   t.is(detail.device.counters.stalls, 1);
   t.true(s.alive());
 });
+
+test('the example apps skip a line they cannot parse: "temperature=21.5" does not stop json-exchange', async (t) => {
+  const s = await serve(t, { apps: [{ script: path.join(__dirname, '..', 'examples', 'json-exchange.ts'), clients: '*' }] });
+  const c = new Client({ id: '1', port: s.port });
+  t.teardown(() => c.close());
+  await c.connect();
+  await c.write('temperature=21.5');
+  await c.write('[1, 2, 3]');
+  await eventually(() => /app got .*connects=1 count=2 uptime=3/.test(s.output()), 20_000, 'the next good line is handled');
+  t.regex(s.output(), /skipped a line that is not JSON/);
+  t.notRegex(s.output(), /app failed/);
+  t.true(s.alive());
+});
