@@ -115,6 +115,46 @@ test('the journal is compacted and stays small', async (t) => {
   t.true(size < 4000, `journal is ${size} bytes after 200 messages`);
 });
 
+test('journaled Connections exist from the start: their unread lines are readable and their queue waits for the device', async (t) => {
+  const dir = tmpdir(t);
+  const a = await start(t, dir);
+  const d1 = await device(t, a.port, 'early');
+  const c1 = await a.clientConn('early');
+  d1.send('00one\n01two\n');
+  await d1.until((l) => l.includes('01'));
+  await c1.write('for later', { accepted: true });
+  d1.close();
+  await a.close();
+
+  const b = await start(t, dir);
+  const c2 = b.get('early');
+  t.truthy(c2, 'there before the device connects');
+  t.is(c2!.state, 'down');
+  t.deepEqual(b.connections().map((c) => c.id), ['early']);
+  t.deepEqual([await c2!.readline(), await c2!.readline()], ['one\n', 'two\n']);
+  const d2 = await device(t, b.port, 'early');
+  const line = (await d2.next()).line;
+  t.is(line, '00for later', 'nothing had gone out before the restart, so the counter is still at 0');
+  d2.send(line.slice(0, 2) + '\n');
+  await eventually(() => c2!.inFlight === 0 && c2!.queuedWrites === 0, 5000, 'ACKed');
+  t.is(b.store!.stats().degraded, 0);
+});
+
+test('a Connection retired by its app deletes its journal; a later start does not bring it back', async (t) => {
+  const dir = tmpdir(t);
+  const a = await start(t, dir);
+  const d = await device(t, a.port, 'gone');
+  const c = await a.clientConn('gone');
+  d.send('00bye\n');
+  await d.until((l) => l.includes('00'));
+  t.true(fs.existsSync(path.join(dir, 'gone.jsonl')));
+  c.close();
+  t.false(fs.existsSync(path.join(dir, 'gone.jsonl')));
+  await a.close();
+  const b = await start(t, dir);
+  t.is(b.get('gone'), undefined);
+});
+
 // ---- a real crash ---------------------------------------------------------
 
 function freePort(): Promise<number> {
