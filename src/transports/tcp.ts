@@ -34,6 +34,8 @@ export class TcpLink implements Link {
   /** Lines written during this turn of the event loop, sent together by one socket write. */
   private out = '';
   private flushing: NodeJS.Immediate | null = null;
+  /** write() said "full": a drain is owed to the owner once the bytes are on their way. */
+  private full = false;
   private readonly maxSendBuffer: number;
 
   constructor(
@@ -47,7 +49,10 @@ export class TcpLink implements Link {
     this.maxSendBuffer = opts.maxSendBuffer ?? Infinity;
     socket.setNoDelay(true);
     socket.on('data', (chunk: Buffer) => this.h?.data(chunk));
-    socket.on('drain', () => this.h?.drain());
+    socket.on('drain', () => {
+      this.full = false;
+      this.h?.drain();
+    });
     socket.on('error', (err: NodeJS.ErrnoException) => this.ended(`socket error: ${err.code ?? err.message}`));
     socket.on('end', () => this.ended('peer closed the socket'));
     socket.on('close', () => this.ended('socket closed'));
@@ -57,11 +62,20 @@ export class TcpLink implements Link {
     return this.closed;
   }
 
+  /**
+   * Queues `data` for this turn's socket write. False once what waits here plus
+   * what the socket holds reaches its high-water mark: the owner then holds
+   * further writes until `drain`. Counting the bytes not yet handed to the
+   * socket matters: a writer that never yields (a loop of non-qos writes, each
+   * resolved at once) would otherwise pile them up without bound, since the
+   * flush only runs when the event loop turns.
+   */
   write(data: string): boolean {
     if (this.closed) return true;
     this.out += data;
     this.flushing ??= setImmediate(this.flush);
-    return !this.socket.writableNeedDrain;
+    if (this.socket.writableNeedDrain || this.out.length + this.socket.writableLength >= this.socket.writableHighWaterMark) this.full = true;
+    return !this.full;
   }
 
   private readonly flush = (): void => {
@@ -73,6 +87,12 @@ export class TcpLink implements Link {
     if (this.socket.writableLength > this.maxSendBuffer) {
       this.opts.onLimit?.('maxSendBuffer', { remote: this.remote, buffered: this.socket.writableLength, maxSendBuffer: this.maxSendBuffer });
       this.ended(`send buffer over ${this.maxSendBuffer} bytes: the peer is not reading`);
+      return;
+    }
+    // The socket took it all without asking for a drain: the one owed is due now.
+    if (this.full && !this.socket.writableNeedDrain) {
+      this.full = false;
+      this.h?.drain();
     }
   };
 
