@@ -171,6 +171,21 @@ test('persist options are validated, with what to do', (t) => {
   }
 });
 
+test('tether serve refuses bad persist options and says what to do', (t) => {
+  const dir = tmpdir(t);
+  const cases: Array<[Record<string, unknown>, RegExp]> = [
+    [{ dir: path.join(dir, 'j'), fsync: 'yes' }, /persist\.fsync must be true or false, got "yes": fix it in the config, or leave it out for the default \(false\)/],
+    [{ dir: path.join(dir, 'j'), compactEvery: 0 }, /persist\.compactEvery must be an integer from 1 to \d+, got 0/],
+  ];
+  for (const [persist, why] of cases) {
+    const config = path.join(dir, 'bad.json');
+    fs.writeFileSync(config, JSON.stringify({ host: '127.0.0.1', port: 0, http: null, persist }));
+    const r = spawnSync(process.execPath, [BIN, 'serve', '--config', config], { cwd: ROOT, encoding: 'utf8', timeout: 60_000 });
+    t.not(r.status, 0);
+    t.regex(r.stderr + r.stdout, why);
+  }
+});
+
 // ---- fast: the store on real files, in process ----------------------------------
 
 test('the journal follows the mid-0 rule across links: a resend on the same link is a repeat, the same line after a reconnect is new', (t) => {
@@ -569,6 +584,8 @@ test.serial('journal size is bounded: one 60 KB message repeated 400 times, then
     await eventually(() => linesOf(s.record, 'streamer').length > i, 10_000, `line ${i} read by the app`, 2);
   }
   clearInterval(poll);
+  // The documented bound, snapshot + max(compactBytes, snapshot) + one record, with a snapshot of
+  // at most two 60 KB lines (the last mid-0 line, kept for the mid-0 rule, and one not yet taken).
   const bound = STORE_DEFAULTS.compactBytes + 3 * 62 * 1024;
   t.log(`largest journal seen: ${afterRepeats} bytes with repeats, ${max} bytes with fresh lines (bound ${bound})`);
   t.true(afterRepeats <= bound, `${afterRepeats}`);
