@@ -695,7 +695,8 @@ export class FileStore {
    */
   attach(id: string): { restored: RestoredState | null; journal: Journal } {
     if (this.journals.has(id)) throw new Error(`the journal of ${JSON.stringify(id)} is already attached`);
-    const file = this.fileOf(id);
+    let file = this.fileOf(id);
+    let from = file;
     let loaded = this.load(file, id);
     if (loaded.kind === 'fresh') {
       // A journal under the name an earlier version gave this ID, if that name is different.
@@ -706,20 +707,22 @@ export class FileStore {
         // not encodable: earlier versions could not have written it either
       }
       if (legacy && legacy !== file && Buffer.byteLength(path.basename(legacy)) <= 255 && fs.existsSync(legacy)) {
+        from = legacy;
         loaded = this.load(legacy, id);
-        if (loaded.kind === 'ok') {
-          try {
-            fs.renameSync(legacy, file);
-          } catch (e) {
-            this.loud('warn', 'journal could not be renamed to its new file name', { client: id, file: legacy, code: errCode(e) });
-          }
-        }
       }
     }
     const state = loaded.kind === 'ok' ? loaded.state : new State();
     if (state.id !== undefined && state.id !== id) {
-      this.quarantine(file, id, `it holds the journal of ${JSON.stringify(state.id)}`);
+      this.quarantine(from, id, `it holds the journal of ${JSON.stringify(state.id)}`);
       return this.attachFresh(id, file);
+    }
+    if (from !== file && loaded.kind === 'ok') {
+      try {
+        fs.renameSync(from, file);
+      } catch (e) {
+        this.loud('warn', 'journal could not be renamed to its new file name: kept under the old one for now', { client: id, file: from, code: errCode(e) });
+        file = from;
+      }
     }
     state.id = id;
     const journal = new FileJournal(this, id, file, state);

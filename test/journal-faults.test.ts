@@ -260,6 +260,17 @@ test('open journal files stay under maxOpenFiles; idle ones are reopened on dema
   again.closeAll();
 });
 
+test('attach() finds a journal under the name an earlier version gave its ID, and moves it to the new name', (t) => {
+  const dir = tmpdir(t);
+  fs.writeFileSync(path.join(dir, 'lamp*7.jsonl'), snap({ inbound: ['from before'] }) + '\n');
+  const store = new FileStore({ dir });
+  const { restored } = store.attach('lamp*7');
+  t.deepEqual(restored?.inbound, ['from before']);
+  t.false(fs.existsSync(path.join(dir, 'lamp*7.jsonl')));
+  t.true(fs.existsSync(store.fileOf('lamp*7')));
+  store.closeAll();
+});
+
 test('at start: damaged journals are quarantined and counted, old long names are migrated, the rest load', (t) => {
   const dir = tmpdir(t);
   const longId = 'b'.repeat(200);
