@@ -203,6 +203,8 @@ export const MAX_PIPELINED = 16;
 const COUNT_INTERVAL = 5000;
 /** Event-loop time a request is charged at least, ms (Node's own parsing and writing is not measured). */
 const MIN_CHARGE = 0.05;
+/** Work over every device (selecting a page, counting) runs in slices of at most this many ms; device links are served in between. */
+export const SLICE_MS = 8;
 /** Client addresses whose budget is remembered; the least recently used are forgotten first. */
 const MAX_BUDGET_ADDRESSES = 10_000;
 
@@ -283,51 +285,58 @@ export function selectDevices<T extends Sortable>(all: T[], f: Filter): T[] {
 }
 
 /**
- * The items at sorted positions [offset, offset + limit) among those `keep` accepts,
- * without sorting them all: a bounded heap, O(n log(offset + limit)). Also how many
- * were kept in all (`kept`).
+ * The items at sorted positions [offset, offset + limit) of everything add()ed,
+ * without sorting it all: a bounded heap, O(n log(offset + limit)). `kept`: how
+ * many were added.
  */
-export function selectTop<T>(items: Iterable<T>, keep: (x: T) => boolean, cmp: (a: T, b: T) => number, offset: number, limit: number): { page: T[]; kept: number } {
-  const want = offset + limit;
-  const heap: T[] = []; // the worst of the best `want` on top
-  const worse = (i: number, j: number) => cmp(heap[i], heap[j]) > 0;
-  const swap = (i: number, j: number) => {
-    const x = heap[i];
-    heap[i] = heap[j];
-    heap[j] = x;
-  };
-  const down = (i: number) => {
-    for (;;) {
-      const l = 2 * i + 1;
-      const r = l + 1;
-      let m = i;
-      if (l < heap.length && worse(l, m)) m = l;
-      if (r < heap.length && worse(r, m)) m = r;
-      if (m === i) return;
-      swap(i, m);
-      i = m;
-    }
-  };
-  let kept = 0;
-  for (const x of items) {
-    if (!keep(x)) continue;
-    kept++;
-    if (want === 0) continue;
-    if (heap.length < want) {
-      heap.push(x);
-      for (let i = heap.length - 1; i > 0; ) {
+export class TopK<T> {
+  private readonly heap: T[] = []; // the worst of the best `want` on top
+  private readonly want: number;
+  kept = 0;
+  constructor(
+    private readonly cmp: (a: T, b: T) => number,
+    private readonly offset: number,
+    limit: number,
+  ) {
+    this.want = offset + limit;
+  }
+  add(x: T): void {
+    this.kept++;
+    const h = this.heap;
+    const cmp = this.cmp;
+    if (h.length < this.want) {
+      h.push(x);
+      for (let i = h.length - 1; i > 0; ) {
         const p = (i - 1) >> 1;
-        if (!worse(i, p)) break;
-        swap(i, p);
+        if (cmp(h[i], h[p]) <= 0) break;
+        [h[i], h[p]] = [h[p], h[i]];
         i = p;
       }
-    } else if (cmp(x, heap[0]) < 0) {
-      heap[0] = x;
-      down(0);
+    } else if (this.want > 0 && cmp(x, h[0]) < 0) {
+      h[0] = x;
+      for (let i = 0; ; ) {
+        const l = 2 * i + 1;
+        const r = l + 1;
+        let m = i;
+        if (l < h.length && cmp(h[l], h[m]) > 0) m = l;
+        if (r < h.length && cmp(h[r], h[m]) > 0) m = r;
+        if (m === i) break;
+        [h[i], h[m]] = [h[m], h[i]];
+        i = m;
+      }
     }
   }
-  heap.sort(cmp);
-  return { page: heap.slice(offset), kept };
+  /** The page, in order. */
+  page(): T[] {
+    return [...this.heap].sort(this.cmp).slice(this.offset);
+  }
+}
+
+/** TopK over `items` that `keep` accepts, in one go (the HttpApi feeds one in slices instead). */
+export function selectTop<T>(items: Iterable<T>, keep: (x: T) => boolean, cmp: (a: T, b: T) => number, offset: number, limit: number): { page: T[]; kept: number } {
+  const top = new TopK(cmp, offset, limit);
+  for (const x of items) if (keep(x)) top.add(x);
+  return { page: top.page(), kept: top.kept };
 }
 
 // ---- validation: every check of what a client sends lives here ------------------
@@ -724,6 +733,10 @@ interface Browser {
   /** What it asked for and has not got yet: an INIT (after FILT) or a PAGE (MORE). */
   want: 'init' | 'page' | null;
   workTimer: NodeJS.Timeout | null;
+  /** An INIT or PAGE is being computed (in slices); and the filter's generation, to drop a result a newer FILT made stale. */
+  working: boolean;
+  filterGen: number;
+  counting: boolean;
   lastInit: number;
   /** Its message rate (BROWSER_MESSAGES), and the timer that resumes its paused socket. */
   messages: TokenBucket;
@@ -786,6 +799,7 @@ export class HttpApi {
   private openSockets = 0;
 
   constructor(opts: HttpApiOptions) {
+    this.limitOptions = Object.freeze(resolveHttpLimits(opts));
     this.server = opts.server;
     this.fleet = opts.fleet;
     this.host = opts.host ?? HTTP_DEFAULTS.host;
@@ -799,7 +813,6 @@ export class HttpApi {
     if (this.token !== null && (typeof this.token !== 'string' || this.token.length === 0)) {
       throw new TypeError('token must be a non-empty string, or null for none');
     }
-    this.limitOptions = Object.freeze(resolveHttpLimits(opts));
     const lim = this.limitOptions;
     this.budget = new LoadBudget(lim.maxClientLoad, lim.maxLoad, performance.now());
     this.hosts = new HostCheck(lim.allowedHosts, this.host);
@@ -1177,9 +1190,10 @@ export class HttpApi {
         allow('GET');
         const f = validate.listQuery(url.searchParams);
         const { limit, offset } = validate.page(url.searchParams);
-        const { rows, total, rest } = this.pick(f, offset, limit);
-        const devices = rows.map((r) => this.fleet.describe(r.conn));
-        return this.json(res, 200, { devices, total, next: rest > 0 ? offset + rows.length : null });
+        const { rows, total, rest } = await this.pick(address, f, offset, limit);
+        return this.timed(address, () =>
+          this.json(res, 200, { devices: rows.map((r) => this.fleet.describe(r.conn)), total, next: rest > 0 ? offset + rows.length : null }),
+        );
       }
       if (seg.length === 2 && seg[0] === 'devices') {
         allow('GET');
@@ -1601,6 +1615,9 @@ export class HttpApi {
       lastUpdate: 0,
       want: null,
       workTimer: null,
+      working: false,
+      filterGen: 0,
+      counting: false,
       lastInit: -Infinity,
       messages: new TokenBucket(BROWSER_MESSAGES.perSecond / 1000, BROWSER_MESSAGES.burst, performance.now()),
       resumeTimer: null,
@@ -1677,6 +1694,7 @@ export class HttpApi {
       if (m.t === 'FILT') {
         // Only the filter changes now; the INIT follows (one for a burst of FILTs, with the last filter).
         b.filter = m.filter;
+        b.filterGen++;
         then = 'init';
       } else if (m.t === 'MORE') {
         then = 'page';
@@ -1701,26 +1719,38 @@ export class HttpApi {
   }
 
   private scheduleWork(b: Browser): void {
-    if (b.workTimer || b.want === null || this.closed) return;
+    if (b.workTimer || b.working || b.want === null || this.closed) return;
     const gap = b.want === 'init' ? b.lastInit + INIT_INTERVAL - Date.now() : 0;
     const wait = Math.max(gap, this.budget.wait(b.address, performance.now()).ms);
-    if (wait <= 0) return this.doWork(b);
+    if (wait <= 0) {
+      void this.doWork(b);
+      return;
+    }
     b.workTimer = setTimeout(() => {
       b.workTimer = null;
-      this.doWork(b);
+      void this.doWork(b);
     }, Math.ceil(wait));
     b.workTimer.unref();
   }
 
-  private doWork(b: Browser): void {
-    if (b.ws.readyState !== WebSocket.OPEN || b.want === null) return;
-    const t0 = performance.now();
-    if (this.budget.wait(b.address, t0).ms > 0 || (b.want === 'init' && Date.now() < b.lastInit + INIT_INTERVAL)) return this.scheduleWork(b);
+  private async doWork(b: Browser): Promise<void> {
+    if (b.ws.readyState !== WebSocket.OPEN || b.want === null || b.working) return;
+    if (this.budget.wait(b.address, performance.now()).ms > 0 || (b.want === 'init' && Date.now() < b.lastInit + INIT_INTERVAL)) {
+      this.scheduleWork(b);
+      return;
+    }
     const what = b.want;
     b.want = null;
-    if (what === 'init') this.sendInit(b);
-    else this.sendPage(b);
-    this.charge(b.address, performance.now() - t0);
+    b.working = true;
+    try {
+      if (what === 'init') await this.sendInit(b);
+      else await this.sendPage(b);
+    } catch (e) {
+      if (!(e instanceof HttpProblem)) this.log.error('WebSocket page failed', { remote: b.remote, error: (e as Error).stack ?? String(e) });
+    } finally {
+      b.working = false;
+    }
+    this.scheduleWork(b); // a FILT or MORE that came meanwhile
   }
 
   /** The light row a page is selected from. */
@@ -1729,31 +1759,53 @@ export class HttpApi {
   }
 
   /**
-   * One page of the devices matching `f`, in its order, leaving out `exclude`:
-   * without describing or sorting every device (a bounded heap). `total`: devices
-   * matching `f`; `rest`: matching, not excluded, after this page.
+   * Runs `each` over every Connection in slices of at most SLICE_MS, charged to
+   * `address`. Between slices the event loop serves the device links, and while
+   * this client (or all of them) owes time the next slice waits: a fleet of
+   * 100,000 costs a request more time, never a stall, and never more than its share.
    */
-  private pick(f: Filter, offset: number, limit: number, exclude: Set<string> | null = null): { rows: Row[]; total: number; rest: number } {
+  private async sweep(address: string, each: (c: Connection) => void): Promise<void> {
+    const conns = this.server.connections();
+    let i = 0;
+    do {
+      await new Promise<void>((r) => setImmediate(r));
+      const owed = this.budget.wait(address, performance.now()).ms;
+      if (owed > 0) await new Promise<void>((r) => setTimeout(r, Math.ceil(owed)));
+      if (this.closed) throw new HttpProblem(503, 'the server is shutting down');
+      const t0 = performance.now();
+      const end = t0 + SLICE_MS;
+      do {
+        const stop = Math.min(conns.length, i + 256);
+        for (; i < stop; i++) each(conns[i]);
+      } while (i < conns.length && performance.now() < end);
+      this.charge(address, performance.now() - t0);
+    } while (i < conns.length);
+  }
+
+  /**
+   * One page of the devices matching `f`, in its order, leaving out `exclude`,
+   * without describing or sorting every device (a bounded heap, fed in slices).
+   * `total`: devices matching `f`; `rest`: matching, not excluded, after this page.
+   */
+  private async pick(address: string, f: Filter, offset: number, limit: number, exclude: Set<string> | null = null): Promise<{ rows: Row[]; total: number; rest: number }> {
+    const top = new TopK<Row>(compareDevices(f), offset, limit);
     let total = 0;
-    const rows = this.server.connections().map((c) => this.rowOf(c));
-    const { page, kept } = selectTop(
-      rows,
-      (r) => {
-        if (!matchesFilter(r, f)) return false;
-        total++;
-        return exclude === null || !exclude.has(r.id);
-      },
-      compareDevices(f),
-      offset,
-      limit,
-    );
-    return { rows: page, total, rest: Math.max(0, kept - offset - page.length) };
+    await this.sweep(address, (c) => {
+      const r = this.rowOf(c);
+      if (!matchesFilter(r, f)) return;
+      total++;
+      if (exclude === null || !exclude.has(r.id)) top.add(r);
+    });
+    const rows = top.page();
+    return { rows, total, rest: Math.max(0, top.kept - offset - rows.length) };
   }
 
   /** Devices matching `f`. */
-  private count(f: Filter): number {
+  private async count(address: string, f: Filter): Promise<number> {
     let n = 0;
-    for (const c of this.server.connections()) if (matchesFilter(this.rowOf(c), f)) n++;
+    await this.sweep(address, (c) => {
+      if (matchesFilter(this.rowOf(c), f)) n++;
+    });
     return n;
   }
 
@@ -1774,35 +1826,63 @@ export class HttpApi {
   }
 
   /** INIT: the first page of devices matching the browser's filter, how many match, and whether that is all of them. */
-  private sendInit(b: Browser): void {
-    const { rows, total, rest } = this.pick(b.filter, 0, this.limitOptions.pageSize);
-    const { parts, ids } = this.pageJson(rows);
-    b.shown = new Set(ids);
-    b.changed.clear();
-    if (b.timer) clearTimeout(b.timer);
-    b.timer = null;
-    b.complete = rest + rows.length - ids.length === 0;
-    b.total = b.sentTotal = total;
-    b.countedAt = Date.now();
-    b.countStale = false;
+  private async sendInit(b: Browser): Promise<void> {
+    const gen = b.filterGen;
     b.lastInit = Date.now();
-    this.sendRaw(b, `{"t":"INIT","devices":[${parts.join(',')}],"filter":${JSON.stringify(b.filter)},"total":${total},"complete":${b.complete}}`);
+    const { rows, total, rest } = await this.pick(b.address, b.filter, 0, this.limitOptions.pageSize);
+    if (gen !== b.filterGen || b.ws.readyState !== WebSocket.OPEN) return; // a newer FILT: its INIT follows
+    this.timed(b.address, () => {
+      const { parts, ids } = this.pageJson(rows);
+      b.shown = new Set(ids);
+      b.changed.clear();
+      if (b.timer) clearTimeout(b.timer);
+      b.timer = null;
+      b.complete = rest + rows.length - ids.length === 0;
+      b.total = b.sentTotal = total;
+      b.countedAt = Date.now();
+      b.countStale = false;
+      this.sendRaw(b, `{"t":"INIT","devices":[${parts.join(',')}],"filter":${JSON.stringify(b.filter)},"total":${total},"complete":${b.complete}}`);
+    });
   }
 
   /** PAGE: the next devices matching the filter that this browser has not been sent, in order. */
-  private sendPage(b: Browser): void {
+  private async sendPage(b: Browser): Promise<void> {
     if (b.complete) {
       this.sendRaw(b, `{"t":"PAGE","devices":[],"total":${b.total},"complete":true}`);
       return;
     }
-    const { rows, total, rest } = this.pick(b.filter, 0, this.limitOptions.pageSize, b.shown);
-    const { parts, ids } = this.pageJson(rows);
-    for (const id of ids) b.shown.add(id);
-    b.complete = rest + rows.length - ids.length === 0;
-    b.total = b.sentTotal = total;
-    b.countedAt = Date.now();
+    const gen = b.filterGen;
+    const { rows, total, rest } = await this.pick(b.address, b.filter, 0, this.limitOptions.pageSize, b.shown);
+    if (gen !== b.filterGen || b.ws.readyState !== WebSocket.OPEN) return; // a FILT came: the INIT answers instead
+    this.timed(b.address, () => {
+      const fresh = rows.filter((r) => !b.shown.has(r.id)); // shown meanwhile by an UPDT
+      const { parts, ids } = this.pageJson(fresh);
+      for (const id of ids) b.shown.add(id);
+      b.complete = rest + fresh.length - ids.length === 0;
+      b.total = b.sentTotal = total;
+      b.countedAt = Date.now();
+      b.countStale = false;
+      this.sendRaw(b, `{"t":"PAGE","devices":[${parts.join(',')}],"total":${total},"complete":${b.complete}}`);
+    });
+  }
+
+  /** A fresh count of the devices matching a browser's filter (it has not been sent them all), then an UPDT if it moved. */
+  private async recount(b: Browser): Promise<void> {
+    if (b.counting) return;
+    b.counting = true;
     b.countStale = false;
-    this.sendRaw(b, `{"t":"PAGE","devices":[${parts.join(',')}],"total":${total},"complete":${b.complete}}`);
+    b.countedAt = Date.now();
+    const gen = b.filterGen;
+    try {
+      const n = await this.count(b.address, b.filter);
+      if (gen !== b.filterGen || b.complete) return;
+      b.total = n;
+      if (b.total !== b.sentTotal) this.scheduleFlush(b, Date.now());
+    } catch (e) {
+      if (!(e instanceof HttpProblem)) this.log.error('WebSocket count failed', { remote: b.remote, error: (e as Error).stack ?? String(e) });
+    } finally {
+      b.counting = false;
+    }
   }
 
   private changed(id: string): void {
@@ -1823,7 +1903,7 @@ export class HttpApi {
 
   private scheduleFlush(b: Browser, now: number): void {
     if (b.timer) return;
-    const countOnly = b.changed.size === 0;
+    const countOnly = b.changed.size === 0 && b.total === b.sentTotal;
     const at = countOnly ? Math.max(b.lastUpdate + UPDT_INTERVAL, b.countedAt + COUNT_INTERVAL) : b.lastUpdate + UPDT_INTERVAL;
     b.timer = setTimeout(() => this.flush(b), Math.max(0, at - now));
     b.timer.unref();
@@ -1874,11 +1954,7 @@ export class HttpApi {
       b.shown.add(d.id);
     }
     if (b.complete) b.total = b.shown.size;
-    else if (b.countStale && now - b.countedAt >= COUNT_INTERVAL) {
-      b.total = this.count(b.filter);
-      b.countedAt = now;
-      b.countStale = false;
-    }
+    else if (b.countStale && now - b.countedAt >= COUNT_INTERVAL) void this.recount(b);
     if (parts.length > 0 || removed.length > 0 || b.total !== b.sentTotal) {
       b.lastUpdate = now;
       let msg = `{"t":"UPDT","devices":[${parts.join(',')}]`;

@@ -12,7 +12,28 @@ import { WebSocket } from 'ws';
 import { Client } from '../src/client';
 import { resolveConfig } from '../src/config';
 import { Fleet } from '../src/fleet';
-import { HttpApi, MAX_BODY, RECENT_CHARS, UPDT_INTERVAL } from '../src/http';
+import * as net from 'node:net';
+import fc from 'fast-check';
+import {
+  compareDevices,
+  DEFAULT_FILTER,
+  HostCheck,
+  hostOf,
+  HttpApi,
+  HttpLimitOptions,
+  HttpProblem,
+  LIST_LIMIT,
+  LoadBudget,
+  MAX_BODY,
+  MAX_PIPELINED,
+  RECENT_CHARS,
+  resolveHttpLimits,
+  selectDevices,
+  selectTop,
+  TokenBucket,
+  UPDT_INTERVAL,
+  validate,
+} from '../src/http';
 import { createLogger, LogRecord, silentLogger } from '../src/log';
 import { Server } from '../src/server';
 import { RawPeer } from './helpers/raw';
@@ -33,7 +54,7 @@ interface Setup {
   consume(id: string): void;
 }
 
-interface StartOptions {
+interface StartOptions extends Partial<HttpLimitOptions> {
   token?: string;
   dashboardDir?: string;
   maxBrowserQueue?: number;
@@ -807,4 +828,374 @@ test('config: the "http" section, its defaults, null to turn it off, and its err
   }
   t.throws(() => resolveConfig({ http: { token: '' } }), { message: /"token" is null or a non-empty string/ });
   t.throws(() => resolveConfig({ http: true }), { message: /"http" must be null \(off\) or \{ "host"/ });
+});
+
+// ---- limits, without sockets --------------------------------------------------------------
+
+test('TokenBucket: refills at its rate up to its capacity; a debt refills before more is allowed', (t) => {
+  const b = new TokenBucket(0.01, 10, 0); // 10 a second, at most 10
+  t.is(b.tokens(0), 10);
+  b.take(15, 0);
+  t.is(b.tokens(0), -5);
+  t.is(b.waitFor(0, 0), 500, 'the debt of 5 takes 500 ms');
+  t.is(b.waitFor(1, 0), 600);
+  t.is(b.waitFor(0, 500), 0);
+  t.is(b.tokens(100_000), 10, 'never above its capacity');
+  t.true(b.full(100_000));
+});
+
+test('LoadBudget: a client in debt waits and others do not; all together are held to the total share; memory bounded', (t) => {
+  const lb = new LoadBudget(0.1, 0.25, 0); // 100 ms per client, 250 ms for all, per second
+  lb.charge('a', 150, 0);
+  t.deepEqual(lb.wait('a', 0), { ms: 500, who: 'client' }, '50 ms of debt at 0.1 ms per ms');
+  t.deepEqual(lb.wait('b', 0), { ms: 0, who: 'client' });
+  lb.charge('b', 90, 0);
+  lb.charge('c', 90, 0);
+  t.deepEqual(lb.wait('d', 0), { ms: 320, who: 'all' }, 'the total is 80 ms in debt: a newcomer waits too');
+  t.is(lb.wait('a', 2000).ms, 0, 'all refilled after a while');
+  const small = new LoadBudget(0.1, 0.25, 0, 100);
+  for (let i = 0; i < 1000; i++) small.charge(`10.0.${i >> 8}.${i & 255}`, 0.01, i);
+  t.is(small.addresses, 100, 'at most maxAddresses remembered');
+});
+
+test('hostOf: the host name of a Host header, without port; malformed ones are null', (t) => {
+  const cases: Array<[string, string | null]> = [
+    ['localhost:8124', 'localhost'],
+    ['LOCALHOST.', 'localhost'],
+    ['127.0.0.1', '127.0.0.1'],
+    ['[::1]:8124', '::1'],
+    ['[fe80::1]', 'fe80::1'],
+    ['evil.test:80', 'evil.test'],
+    ['gateway_1.local', 'gateway_1.local'],
+    ['', null],
+    ['a b', null],
+    ['host:port', null],
+    ['host:1:2', null],
+    ['[::1', null],
+    ['[zz]:1', null],
+    ['[::1]x', null],
+    ['-leading.dash', null],
+  ];
+  for (const [h, want] of cases) t.is(hostOf(h), want, JSON.stringify(h));
+});
+
+test('HostCheck: loopback names, the listening address, allowedHosts; "*" serves any; no Host header is served', (t) => {
+  const local = new HostCheck([], '127.0.0.1');
+  for (const h of ['localhost:8124', 'localhost', '127.0.0.1:1', '127.5.5.5', '[::1]:8124', 'app.localhost', 'LOCALHOST.:8124', undefined]) t.true(local.allows(h), String(h));
+  for (const h of ['evil.test:8124', 'evil.test', '192.168.1.10', 'localhost.evil.test', '127.0.0.1.evil.test', 'a b', '', '[::2]']) t.false(local.allows(h), String(h));
+
+  t.true(new HostCheck([], '192.168.1.10').allows('192.168.1.10:8124'), 'the address it listens on');
+  t.false(new HostCheck([], '192.168.1.10').allows('192.168.1.11:8124'));
+
+  let looked = 0;
+  const any = new HostCheck([], '0.0.0.0', () => {
+    looked++;
+    return ['10.1.2.3', 'fe80::1'];
+  });
+  t.true(any.allows('10.1.2.3:8124', 0), 'listening on every address: any address of this machine');
+  t.true(any.allows('[fe80::1]:8124', 0));
+  t.false(any.allows('10.1.2.4', 1));
+  t.false(any.allows('gateway.local', 2), 'names still need allowedHosts');
+  t.is(looked, 1, 'the machine addresses are looked up again at most every 5 s');
+  any.allows('10.1.2.4', 6000);
+  t.is(looked, 2);
+
+  const named = new HostCheck(['gateway.local', '.example.com', '192.168.7.7', '[fd00::7]'], '127.0.0.1');
+  for (const h of ['GATEWAY.local:8124', 'example.com', 'a.b.example.com:1', '192.168.7.7', '[fd00::7]:1', 'localhost']) t.true(named.allows(h), h);
+  for (const h of ['badexample.com', 'gateway.local.evil', 'evil.test']) t.false(named.allows(h), h);
+
+  t.true(new HostCheck(['*'], '127.0.0.1').allows('anything.evil:1'));
+});
+
+test('limit options: defaults, and combinations that cannot work are refused with what to change', (t) => {
+  t.like(resolveHttpLimits({}), { maxConnections: 256, maxConnectionsPerAddress: 32, headersTimeout: 10000, requestTimeout: 30000, keepAliveTimeout: 5000, maxClientLoad: 0.1, maxLoad: 0.25, pageSize: 500 });
+  t.deepEqual(resolveHttpLimits({}).allowedHosts, []);
+  t.throws(() => resolveHttpLimits({ maxConnections: 10, maxConnectionsPerAddress: 20 }), { message: /http\.maxConnectionsPerAddress \(20\) is above http\.maxConnections \(10\): lower it or raise maxConnections/ });
+  t.throws(() => resolveHttpLimits({ headersTimeout: 60000 }), { message: /http\.headersTimeout \(60000 ms\) is longer than http\.requestTimeout \(30000 ms\)/ });
+  t.throws(() => resolveHttpLimits({ maxClientLoad: 0.5 }), { message: /http\.maxClientLoad \(0\.5\) is above http\.maxLoad \(0\.25\)/ });
+  t.throws(() => resolveHttpLimits({ allowedHosts: ['*', 'gateway.local'] }), { message: /give \["\*"\] alone \(unsafe\) or only names/ });
+  t.throws(() => resolveHttpLimits({ pageSize: 0 }), { message: /http\.pageSize must be an integer from 1 to 10000; got 0/ });
+  t.throws(() => new HttpApi({ server: {} as Server, fleet: {} as Fleet, maxLoad: 2 }), { message: /http\.maxLoad must be a number above 0 and at most 1/ });
+});
+
+test('selectTop gives the same page as sorting everything, for any data, offset and limit', (t) => {
+  fc.assert(
+    fc.property(fc.array(fc.integer({ min: 0, max: 50 }), { maxLength: 200 }), fc.nat(220), fc.integer({ min: 1, max: 60 }), (xs, offset, limit) => {
+      const keep = (x: number) => x % 3 !== 0;
+      const cmp = (a: number, b: number) => a - b;
+      const { page, kept } = selectTop(xs, keep, cmp, offset, limit);
+      const all = xs.filter(keep).sort(cmp);
+      return kept === all.length && JSON.stringify(page) === JSON.stringify(all.slice(offset, offset + limit));
+    }),
+    { seed: 14, numRuns: 500 },
+  );
+  // With the device order (ties by ID, missing values last) it matches selectDevices.
+  const devices = Array.from({ length: 300 }, (_, i) => ({
+    id: `d-${(i * 37) % 301}`,
+    type: i % 4 === 0 ? null : `t${i % 3}`,
+    meta: { n: i % 5 },
+    status: (i % 2 ? 'up' : 'down') as 'up' | 'down',
+    lastSeen: i % 7 === 0 ? null : 1000 + (i % 11),
+    counters: { outages: i % 6, messagesIn: i % 9, messagesOut: i % 4 },
+  }));
+  for (const sort of ['id', 'type', 'status', 'lastSeen', 'outages', 'messages'] as const) {
+    for (const dir of ['asc', 'desc'] as const) {
+      const f = { ...DEFAULT_FILTER, sort, dir, status: sort === 'status' ? null : ('up' as const) };
+      const want = selectDevices(devices, f).slice(20, 70).map((d) => d.id);
+      const got = selectTop(devices, (d) => f.status === null || d.status === f.status, compareDevices(f), 20, 50).page.map((d) => d.id);
+      t.deepEqual(got, want, `${sort} ${dir}`);
+    }
+  }
+});
+
+test('validate.page: limit and offset of GET /api/devices', (t) => {
+  t.deepEqual(validate.page(new URLSearchParams('')), { limit: LIST_LIMIT.default, offset: 0 });
+  t.deepEqual(validate.page(new URLSearchParams('limit=5&offset=10')), { limit: 5, offset: 10 });
+  for (const q of ['limit=0', 'limit=10001', 'limit=-1', 'limit=1.5', 'limit=abc', 'offset=-3', 'offset=1e3', 'offset=99999999999']) {
+    const e = t.throws(() => validate.page(new URLSearchParams(q)), { instanceOf: HttpProblem }, q);
+    t.is(e!.status, 400);
+    t.regex(e!.message, /must be a whole number from/);
+  }
+});
+
+// ---- limits, over sockets ------------------------------------------------------------------
+
+/** One request with an exact Host header, from a chosen loopback address. */
+function rawRequest(port: number, opts: { path?: string; host?: string; method?: string; localAddress?: string; headers?: Record<string, string>; body?: string }): Promise<{ status: number; body: any; headers: http.IncomingHttpHeaders }> {
+  return new Promise((resolve, reject) => {
+    const headers: Record<string, string> = { ...(opts.headers ?? {}) };
+    if (opts.host !== undefined) headers.host = opts.host;
+    const req = http.request({ host: '127.0.0.1', port, path: opts.path ?? '/api/devices', method: opts.method ?? 'GET', localAddress: opts.localAddress, headers, agent: false }, (res) => {
+      let text = '';
+      res.setEncoding('utf8');
+      res.on('data', (d) => (text += d));
+      res.on('end', () => {
+        let body: unknown = text;
+        if ((res.headers['content-type'] ?? '').startsWith('application/json')) body = JSON.parse(text);
+        resolve({ status: res.statusCode!, body, headers: res.headers });
+      });
+    });
+    req.on('error', reject);
+    req.end(opts.body);
+  });
+}
+
+test('Host check: requests and WebSocket upgrades for a name the server does not know get 421 naming the option', async (t) => {
+  const s = await start(t);
+  await s.device('lamp-1');
+  const port = s.api.port;
+  for (const host of [`127.0.0.1:${port}`, `localhost:${port}`, `[::1]:${port}`, `my.localhost:${port}`]) {
+    t.is((await rawRequest(port, { host })).status, 200, host);
+  }
+  const evil = await rawRequest(port, { host: `evil.test:${port}` });
+  t.is(evil.status, 421);
+  t.regex(evil.body.error, /does not answer to the host name "evil\.test:\d+": if that is a name it is reached by, add it to "allowedHosts" in the "http" section/);
+  const post = await rawRequest(port, { host: `evil.test:${port}`, method: 'POST', path: '/api/devices/lamp-1/messages', headers: { 'content-type': 'application/json' }, body: '{"line":"x"}' });
+  t.is(post.status, 421, 'a POST too: nothing reaches the device');
+  t.is((await rawRequest(port, { host: `evil.test:${port}`, path: '/metrics' })).status, 421);
+  t.is((await rawRequest(port, { host: `evil.test:${port}`, path: '/' })).status, 421, 'the dashboard too');
+  t.is(s.api.limits.httpHost, 4);
+
+  // WebSocket: the upgrade is refused before any message.
+  const ws = new WebSocket(`ws://127.0.0.1:${port}/ws`, { headers: { host: `evil.test:${port}`, origin: `http://evil.test:${port}` } });
+  ws.on('error', () => {});
+  const status = await new Promise<number>((resolve) => {
+    ws.on('unexpected-response', (req, res) => {
+      resolve(res.statusCode!);
+      req.destroy();
+    });
+    ws.on('open', () => {
+      resolve(101);
+      ws.terminate();
+    });
+  });
+  t.is(status, 421);
+
+  // allowedHosts adds names; "*" serves any.
+  const named = await start(t, { allowedHosts: ['evil.test', '.example.com'] });
+  t.is((await rawRequest(named.api.port, { host: `evil.test:${named.api.port}` })).status, 200);
+  t.is((await rawRequest(named.api.port, { host: 'iot.example.com' })).status, 200);
+  t.is((await rawRequest(named.api.port, { host: 'other.test' })).status, 421);
+  const open = await start(t, { allowedHosts: ['*'] });
+  t.is((await rawRequest(open.api.port, { host: 'anything.test' })).status, 200);
+});
+
+test('GET /api/devices pages: limit, offset, total and next; the same order as without paging', async (t) => {
+  const s = await start(t);
+  for (const id of ['lamp-3', 'lamp-1', 'sensor-2', 'lamp-2', 'sensor-10']) await s.device(id);
+  const all = await get(`${s.base}/api/devices`);
+  t.is(all.body.total, 5);
+  t.is(all.body.next, null);
+  const ids = all.body.devices.map((d: any) => d.id);
+  t.deepEqual(ids, ['lamp-1', 'lamp-2', 'lamp-3', 'sensor-2', 'sensor-10']);
+  const p1 = await get(`${s.base}/api/devices?limit=2`);
+  t.deepEqual([p1.body.devices.map((d: any) => d.id), p1.body.total, p1.body.next], [ids.slice(0, 2), 5, 2]);
+  const p2 = await get(`${s.base}/api/devices?limit=2&offset=${p1.body.next}`);
+  t.deepEqual([p2.body.devices.map((d: any) => d.id), p2.body.next], [ids.slice(2, 4), 4]);
+  const p3 = await get(`${s.base}/api/devices?limit=2&offset=${p2.body.next}`);
+  t.deepEqual([p3.body.devices.map((d: any) => d.id), p3.body.next], [ids.slice(4), null]);
+  const lamps = await get(`${s.base}/api/devices?type=lamp&dir=desc&limit=1&offset=1`);
+  t.deepEqual([lamps.body.devices.map((d: any) => d.id), lamps.body.total, lamps.body.next], [['lamp-2'], 3, 2]);
+  t.deepEqual((await get(`${s.base}/api/devices?offset=99`)).body, { devices: [], total: 5, next: null });
+  const badLimit = await get(`${s.base}/api/devices?limit=${LIST_LIMIT.max + 1}`);
+  t.is(badLimit.status, 400);
+  t.regex(badLimit.body.error, /limit must be a whole number from 1 to 10000/);
+});
+
+test('WebSocket pages: INIT has the first page and the count, MORE the next; UPDTs only for rows shown until all are', async (t) => {
+  const s = await start(t, { pageSize: 2 });
+  const devs = new Map<string, Client>();
+  for (const id of ['lamp-1', 'lamp-2', 'lamp-3', 'lamp-4', 'lamp-5']) devs.set(id, await s.device(id));
+  const b = await browser(t, s);
+  const init = await b.next((m) => m.t === 'INIT', 0, 'INIT');
+  t.deepEqual([init.devices.map((d: any) => d.id), init.total, init.complete], [['lamp-1', 'lamp-2'], 5, false]);
+
+  // A device not shown changes: no UPDT row for it (the count is refreshed now and then).
+  let mark = b.msgs.length;
+  await devs.get('lamp-5')!.write('not shown yet');
+  await devs.get('lamp-1')!.write('shown');
+  const upd = await b.next((m) => m.t === 'UPDT' && m.devices.some((d: any) => d.id === 'lamp-1'), mark, 'UPDT for a shown row');
+  t.false(b.msgs.slice(mark).some((m) => m.t === 'UPDT' && m.devices.some((d: any) => d.id === 'lamp-5')), 'nothing about a row not shown');
+  t.false('total' in upd, 'the count did not change');
+
+  mark = b.msgs.length;
+  b.send({ t: 'MORE' });
+  const p1 = await b.next((m) => m.t === 'PAGE', mark, 'PAGE 1');
+  t.deepEqual([p1.devices.map((d: any) => d.id), p1.total, p1.complete], [['lamp-3', 'lamp-4'], 5, false]);
+  mark = b.msgs.length;
+  b.send({ t: 'MORE' });
+  b.send({ t: 'MORE' }); // asked again before the answer: the second gets what is left then (nothing)
+  const p2 = await b.next((m) => m.t === 'PAGE', mark, 'PAGE 2');
+  t.deepEqual([p2.devices.map((d: any) => d.id), p2.complete], [['lamp-5'], true]);
+  t.is(p2.devices[0].counters.messagesIn, 1, 'with its news');
+  const done = await b.next((m) => m.t === 'PAGE' && m !== p2, mark, 'the second MORE answered');
+  t.deepEqual([done.devices, done.complete], [[], true]);
+
+  // Now every matching device is shown: a new one arrives as an UPDT row, with the new count.
+  mark = b.msgs.length;
+  await s.device('lamp-6');
+  const added = await b.next((m) => m.t === 'UPDT' && m.devices.some((d: any) => d.id === 'lamp-6'), mark, 'UPDT with the new device');
+  t.is(added.total, 6);
+
+  // A FILT starts over with a fresh first page.
+  mark = b.msgs.length;
+  b.send({ t: 'FILT', dir: 'desc' });
+  const init2 = await b.next((m) => m.t === 'INIT', mark, 'INIT after FILT');
+  t.deepEqual([init2.devices.map((d: any) => d.id), init2.total, init2.complete], [['lamp-6', 'lamp-5'], 6, false]);
+});
+
+test('WebSocket: a burst of FILTs costs an INIT or two, with the last filter; a flood is paused, then dropped', async (t) => {
+  const s = await start(t);
+  for (const id of ['lamp-1', 'sensor-1']) await s.device(id);
+  const b = await browser(t, s);
+  await b.next((m) => m.t === 'INIT');
+  const mark = b.msgs.length;
+  for (let i = 0; i < 100; i++) b.send({ t: 'FILT', type: i % 2 ? 'sensor' : 'lamp' });
+  b.send({ t: 'FILT', type: 'sensor', dir: 'desc' });
+  const last = await b.next((m) => m.t === 'INIT' && m.filter.dir === 'desc', mark, 'the INIT of the last filter');
+  t.deepEqual(last.devices.map((d: any) => d.id), ['sensor-1']);
+  const inits = b.msgs.slice(mark).filter((m) => m.t === 'INIT').length;
+  t.true(inits <= 5, `${inits} INITs for 101 FILTs`);
+  t.true(s.api.limits.httpLoad >= 1, 'the browser was paused (past 40 messages in a burst)');
+
+  const flood = await browser(t, s);
+  await flood.next((m) => m.t === 'INIT');
+  for (let i = 0; i < 2000; i++) flood.send({ t: 'SEL', id: null });
+  t.is(await flood.closed, 1006, 'a flood far past the rate is dropped (its slot freed)');
+  t.is(b.ws.readyState, WebSocket.OPEN, 'the other browser is not');
+});
+
+test(`more than ${MAX_PIPELINED} pipelined requests on one socket close it; other clients are served`, async (t) => {
+  const s = await start(t);
+  await s.device('lamp-1');
+  const sock = net.connect(s.api.port, '127.0.0.1');
+  let text = '';
+  sock.on('data', (d) => (text += d.toString('latin1')));
+  const closed = new Promise<void>((r) => sock.once('close', () => r()));
+  sock.on('error', () => {});
+  await new Promise<void>((r) => sock.once('connect', () => r()));
+  sock.write(`GET /api/devices HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n`.repeat(2000));
+  await closed;
+  const answers = text.split('HTTP/1.1 ').length - 1;
+  t.true(answers <= MAX_PIPELINED + 1, `${answers} answers of 2000 requests`);
+  t.true(s.api.limits.httpPipelining >= 1);
+  t.is((await get(`${s.base}/api/devices`)).status, 200);
+});
+
+test('budget: a client over maxClientLoad gets 429 saying when to retry; another address is served; all over maxLoad get 503', async (t) => {
+  const s = await start(t, { maxClientLoad: 0.001, maxLoad: 0.002 });
+  for (let i = 0; i < 20; i++) await s.device(`lamp-${i}##lamp##{"room":"r${i}"}`);
+  let r: Awaited<ReturnType<typeof rawRequest>> | null = null;
+  for (let i = 0; i < 2000; i++) {
+    r = await rawRequest(s.api.port, { localAddress: '127.0.0.2', path: '/api/devices?q=room' });
+    if (r.status !== 200) break;
+  }
+  t.is(r!.status, 429);
+  t.regex(r!.body.error, /too many requests from 127\.0\.0\.2: it used its share of the server's time \(http\.maxClientLoad 0\.001;.*retry in \d+ s/);
+  t.regex(String(r!.headers['retry-after']), /^\d+$/);
+  t.true(s.api.limits.httpLoad >= 1);
+  // The total (2 ms a second) is not spent by one client (1 ms): another address is served…
+  const other = await rawRequest(s.api.port, { localAddress: '127.0.0.3', path: '/api/devices?limit=1' });
+  t.is(other.status, 200);
+  // …until clients together spend it.
+  let busy: Awaited<ReturnType<typeof rawRequest>> | null = null;
+  for (let i = 0; i < 2000; i++) {
+    busy = await rawRequest(s.api.port, { localAddress: `127.0.1.${1 + (i % 200)}`, path: '/api/devices?q=room' });
+    if (busy.status === 503) break;
+  }
+  t.is(busy!.status, 503);
+  t.regex(busy!.body.error, /the server is busy: its HTTP clients together used their share of its time \(http\.maxLoad 0\.002;/);
+});
+
+test('sockets: per address and in total; when full, the longest idle one makes room; idle ones time out', async (t) => {
+  const s = await start(t, { maxConnections: 8, maxConnectionsPerAddress: 4, headersTimeout: 1000, requestTimeout: 2000 });
+  const open = async (localAddress: string) => {
+    const sock = net.connect({ host: '127.0.0.1', port: s.api.port, localAddress });
+    sock.on('error', () => {});
+    const closed = new Promise<string>((r) => {
+      let got = '';
+      sock.on('data', (d) => (got += d));
+      sock.once('close', () => r(got));
+    });
+    await new Promise<void>((r) => sock.once('connect', () => r()));
+    return { sock, closed, gone: false };
+  };
+  const a = [];
+  for (let i = 0; i < 4; i++) a.push(await open('127.0.0.2'));
+  await waitFor('the server to count 4 sockets', () => (s.api as any).openSockets === 4);
+  const fifth = await open('127.0.0.2');
+  t.is(await fifth.closed, '', 'the 5th from one address is closed at once, unanswered');
+  for (let i = 0; i < 4; i++) a.push(await open('127.0.0.3'));
+  await waitFor('the server to count 8 sockets', () => (s.api as any).openSockets === 8);
+  // Full of idle sockets: a real request still gets through, and the oldest idle socket is the one closed.
+  const r = await rawRequest(s.api.port, { localAddress: '127.0.0.4' });
+  t.is(r.status, 200);
+  t.is(await a[0].closed, '', 'the longest idle socket made room');
+  t.true(s.api.limits.httpConnections >= 2);
+  // The rest get a 408 at headersTimeout (checked every 250 ms here).
+  for (const c of a.slice(1)) t.regex(await c.closed, /^HTTP\/1\.1 408/);
+});
+
+test('a body over 64 KiB gets 400 with JSON and the socket is closed, even at 17 MiB or sent in chunks', async (t) => {
+  const s = await start(t);
+  await s.device('lamp-1');
+  const url = `${s.base}/api/devices/lamp-1/messages`;
+  const big = await fetch(url, { method: 'POST', headers: { 'content-type': 'application/json' }, body: Buffer.alloc(17 * 1024 * 1024, 0x20) });
+  t.is(big.status, 400);
+  t.is(big.headers.get('connection'), 'close');
+  t.regex(((await big.json()) as { error: string }).error, /the body is 17825792 bytes; the limit is 65536 bytes/);
+  const chunked = await new Promise<{ status: number; body: any }>((resolve, reject) => {
+    const req = http.request({ host: '127.0.0.1', port: s.api.port, path: '/api/devices/lamp-1/messages', method: 'POST', headers: { 'content-type': 'application/json' }, agent: false }, (res) => {
+      let text = '';
+      res.on('data', (d) => (text += d));
+      res.on('end', () => resolve({ status: res.statusCode!, body: JSON.parse(text) }));
+    });
+    req.on('error', reject);
+    const chunk = Buffer.alloc(16 * 1024, 0x20);
+    for (let i = 0; i < 8; i++) req.write(chunk); // no Content-Length: chunked, 128 KiB
+    req.end();
+  });
+  t.is(chunked.status, 400);
+  t.regex(chunked.body.error, /the body is over 65536 bytes/);
+  t.is((await post(url, { line: 'after' })).status, 200, 'the API carries on');
 });
