@@ -786,10 +786,11 @@ export class FileStore {
 
   // ---- for FileJournal -------------------------------------------------------
 
-  /** @internal */
-  get options() {
-    return { fsync: this.fsync, compactEvery: this.compactEvery, compactBytes: this.compactBytes };
+  /** @internal What every journal of this store writes by. */
+  get options(): { readonly fsync: boolean; readonly compactEvery: number; readonly compactBytes: number } {
+    return (this.writeOpts ??= Object.freeze({ fsync: this.fsync, compactEvery: this.compactEvery, compactBytes: this.compactBytes }));
   }
+  private writeOpts?: { readonly fsync: boolean; readonly compactEvery: number; readonly compactBytes: number };
 
   /** @internal Opens a file for a journal, closing idle journals' files to stay under the cap (and on EMFILE). */
   openFor(j: FileJournal | null, file: string, flags: string): number {
