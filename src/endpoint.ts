@@ -86,7 +86,9 @@ export interface WriteOptions {
   /**
    * With qos: resolve as soon as the line is queued (written to the journal
    * when persistence is on) instead of when the peer ACKs it; delivery goes on
-   * in the background, across outages and, with persistence, restarts.
+   * in the background, across outages and, with persistence, restarts, until
+   * the peer ACKs it or the endpoint is closed. `signal` then only bounds the
+   * wait for room in the write queue: once accepted, a line is never abandoned.
    */
   accepted?: boolean;
 }
@@ -366,7 +368,8 @@ export abstract class Endpoint extends EventEmitter {
       key = this.nextKey++;
       this.journal.queued(key, payload, wait);
     }
-    const delivery = this.deliver(payload, qos, wait, signal, key);
+    // An accepted line is delivered whatever happens to the caller's signal afterwards.
+    const delivery = this.deliver(payload, qos, wait, qos && opts.accepted ? undefined : signal, key);
     if (qos && opts.accepted) {
       delivery.catch((e: unknown) => {
         if (!(e instanceof TetherError && e.code === 'ERR_CLOSED')) this.log.warn('accepted write not delivered', { error: (e as Error).message });

@@ -39,10 +39,10 @@ export interface Served {
 export async function serve(t: ExecutionContext, config: Record<string, unknown>, env: Record<string, string> = {}): Promise<Served> {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tether-serve-'));
   t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
-  const port = await freePort();
-  const httpPort = await freePort();
   const file = path.join(dir, 'tether.json');
-  const full = { host: '127.0.0.1', port, log: { level: 'info', format: 'pretty' }, http: { host: '127.0.0.1', port: httpPort }, ...config };
+  const full = { host: '127.0.0.1', port: await freePort(), log: { level: 'info', format: 'pretty' }, http: { host: '127.0.0.1', port: await freePort() }, ...config };
+  const port = full.port as number;
+  const httpPort = (full.http as { port?: number } | null)?.port ?? 0;
   fs.writeFileSync(file, JSON.stringify(full));
   const proc = spawn(process.execPath, [BIN, 'serve', '--config', file], { cwd: ROOT, env: { ...process.env, ...env } });
   let out = '';
