@@ -74,7 +74,7 @@ export interface TetherConfig {
   /** UART transport to an ESP mesh root; null = none. */
   mesh: MeshConfig | null;
   /** Journal folder (relative to the config file) or { dir, fsync }; null = no persistence. */
-  persist: string | { dir: string; fsync?: boolean } | null;
+  persist: string | { dir: string; fsync?: boolean; compactEvery?: number; compactBytes?: number; maxOpenFiles?: number } | null;
   log: { level: Level; format: 'pretty' | 'json' };
   /** The HTTP API, WebSocket feed, metrics and dashboard (`serve` and `demo`); null = off. */
   http: HttpConfig | null;
@@ -300,9 +300,9 @@ const CHECKS: Record<string, Check> = {
     (!!v &&
       typeof v === 'object' &&
       typeof (v as { dir?: unknown }).dir === 'string' &&
-      Object.keys(v).every((k) => k === 'dir' || k === 'fsync' || k === 'compactEvery'))
+      Object.keys(v).every((k) => ['dir', 'fsync', 'compactEvery', 'compactBytes', 'maxOpenFiles'].includes(k)))
       ? null
-      : 'null, a folder path, or { "dir": "./data", "fsync": false }',
+      : 'null, a folder path, or { "dir": "./data", "fsync": false, "compactEvery": 2000, "compactBytes": 1048576, "maxOpenFiles": 256 }',
   http: (v) => {
     if (v === null) return null;
     if (!v || typeof v !== 'object' || Array.isArray(v)) return 'null (off) or { "host": "127.0.0.1", "port": 8124, "token": null }';

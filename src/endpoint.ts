@@ -842,7 +842,7 @@ export abstract class Endpoint extends EventEmitter {
   private take(mid: number, payload: string, bytes: number): void {
     const fresh = this.filter.accept(mid, payload);
     // Recorded before the ACK goes out: nothing the peer sees as delivered is lost in a crash.
-    if (payload !== OVERSIZE) this.journal?.received(mid, payload);
+    if (payload !== OVERSIZE) this.journal?.received(mid, payload, fresh);
     this.counters.acksOut++;
     this.sendRaw(formatAck(mid));
     if (!fresh) {
