@@ -277,6 +277,7 @@ function connView(conn: Connection, signal: AbortSignal, track: (ev: string | sy
   const view: Connection = new Proxy(conn, {
     get(target, prop) {
       if (prop === 'readline') return () => target.readline(signal);
+      if (prop === 'take') return () => target.take(signal);
       if (prop === 'write') return (line: string, opts?: WriteOptions) => (signal.aborted ? Promise.reject(stopped()) : target.write(line, opts));
       if (prop === Symbol.asyncIterator) {
         return async function* lines(): AsyncGenerator<string, void, undefined> {

@@ -176,6 +176,8 @@ interface Waiting {
 interface Reader {
   resolve(line: string): void;
   reject(e: unknown): void;
+  /** readline() (the line counts as consumed at once) or take() (only at commit()). */
+  auto: boolean;
 }
 
 /** An option's value, or a TetherError saying what range it must be in. */
@@ -410,17 +412,50 @@ export abstract class Endpoint extends EventEmitter {
    * stays for the next reader.
    */
   readline(signal?: AbortSignal): Promise<string> {
+    return this.next(signal, true);
+  }
+
+  /**
+   * Like readline(), but the line stays on record (in the journal, with
+   * `persist`) until commit(): if the server dies before the app commits, the
+   * line is handed out again after the restart. Take, handle (record it, act on
+   * it), then commit, and no line is lost to a crash; a line handled but not yet
+   * committed when the process died is handed out twice. readline() commits
+   * whatever was taken before it.
+   */
+  take(signal?: AbortSignal): Promise<string> {
+    return this.next(signal, false);
+  }
+
+  /** Marks every line take() handed out so far as consumed (see take()). */
+  commit(): void {
+    for (; this.uncommitted > 0; this.uncommitted--) this.journal?.taken();
+  }
+
+  /** Lines handed out by take() and not yet committed. */
+  private uncommitted = 0;
+
+  private consumed(auto: boolean): void {
+    if (!auto) {
+      this.uncommitted++;
+      return;
+    }
+    this.commit();
+    this.journal?.taken();
+  }
+
+  private next(signal: AbortSignal | undefined, auto: boolean): Promise<string> {
     const line = this.rx.shift();
     if (line !== undefined) {
       this.rxBytes -= line.length - 1;
-      this.journal?.taken();
+      this.consumed(auto);
       this.tookLine();
       return Promise.resolve(line);
     }
     if (this.closed) return Promise.reject(closedError(this.describe()));
     if (signal?.aborted) return Promise.reject(waitAbortedError('readline()')(signal.reason));
     return new Promise((resolve, reject) => {
-      const reader: Reader = { resolve, reject };
+      const reader: Reader = { resolve, reject, auto };
       if (signal) {
         const aborted = () => {
           const i = this.readers.indexOf(reader);
@@ -794,12 +829,12 @@ export abstract class Endpoint extends EventEmitter {
    */
   private onMessage(mid: number, payload: string, bytes: number): boolean {
     if (this.consumer) {
-      if (payload === OVERSIZE) this.take(mid, payload, bytes); // ACKed and reported, never handed on
+      if (payload === OVERSIZE) this.admit(mid, payload, bytes); // ACKed and reported, never handed on
       else this.onConsumed(mid, payload);
       return true;
     }
     if (this.held.length === 0 && this.hasRoom(bytes)) {
-      this.take(mid, payload, bytes);
+      this.admit(mid, payload, bytes);
       return true;
     }
     for (const h of this.held) {
@@ -839,7 +874,7 @@ export abstract class Endpoint extends EventEmitter {
   }
 
   /** Records, ACKs and hands on one message (or drops it as a repeat). */
-  private take(mid: number, payload: string, bytes: number): void {
+  private admit(mid: number, payload: string, bytes: number): void {
     const fresh = this.filter.accept(mid, payload);
     // Recorded before the ACK goes out: nothing the peer sees as delivered is lost in a crash.
     if (payload !== OVERSIZE) this.journal?.received(mid, payload, fresh);
@@ -864,7 +899,7 @@ export abstract class Endpoint extends EventEmitter {
     }
     const reader = this.readers.shift();
     if (reader) {
-      this.journal?.taken();
+      this.consumed(reader.auto);
       this.lastTaken = Date.now();
       reader.resolve(line);
       return;
@@ -879,7 +914,7 @@ export abstract class Endpoint extends EventEmitter {
     while (this.held.length > 0 && this.hasRoom(this.held[0].bytes)) {
       const h = this.held.shift()!;
       this.heldBytes -= h.bytes;
-      this.take(h.mid, h.payload, h.bytes);
+      this.admit(h.mid, h.payload, h.bytes);
     }
     if (this.stalledNow) this.setStalled(false);
     if (this.blocked && this.held.length <= this.rxHold / 2) this.unblock();
