@@ -1,7 +1,7 @@
 /**
  * `npm run abuse [-- --quick] [--good N] [--hostile M] [--duration S] [--period MS]
- *   [--seed N] [--kinds slowloris,bigline,binary,rapid,hijack] [--pacing JSON]
- *   [--hostile-nice 0-19] [--server-node-args "--trace-gc …"] [--profile DIR]`
+ *   [--seed N] [--kinds slowloris,bigline,binary,rapid,hijack,broadcast-storm] [--pacing JSON]
+ *   [--hostile-nice 0-19] [--server-node-args "--trace-gc …"] [--profile DIR] [--max-pending-sends N]`
  * Prints a report, writes bench/results/abuse.json, exits 1 if a goal fails.
  *
  * Abuse under load (issue 8, item 5). Three processes on loopback:
@@ -36,6 +36,10 @@ import { Client, generateSecret, hashSecret, silentLogger } from '../src';
 import type { Link, LimitHits, HandshakeStats } from '../src';
 import { TcpLink } from '../src/transports/tcp';
 import { DEFAULT_PACING, HostileJob, HostileStats, Kind, KINDS, Pacing } from './abuse-hostile';
+import { formatStorm, runBroadcastStorm } from './abuse-storm';
+
+/** `--kinds broadcast-storm`: the broadcast storm of bench/abuse-storm.ts (run by default after the socket attacks). */
+const STORM_KIND = 'broadcast-storm';
 
 const HERE = __dirname;
 const TS = ['-r', 'ts-node/register/transpile-only'];
@@ -763,6 +767,7 @@ if (require.main === module) {
       profile: { type: 'string' },
       'server-node-args': { type: 'string' },
       'hostile-nice': { type: 'string' },
+      'max-pending-sends': { type: 'string' },
     },
   });
   const num = (s: string | undefined, d: number) => (s === undefined ? d : Number(s));
@@ -776,19 +781,40 @@ if (require.main === module) {
     // --pacing '{"bigChunkMs":100}' overrides the hostile pacing (see DEFAULT_PACING in abuse-hostile.ts).
     pacing: args.pacing ? (JSON.parse(args.pacing) as Partial<Pacing>) : undefined,
     // --kinds rapid,hijack runs only those hostile kinds; --profile DIR writes the server's CPU profile.
-    kinds: args.kinds ? (args.kinds.split(',') as Kind[]) : undefined,
+    kinds: args.kinds ? (args.kinds.split(',').filter((k) => k !== STORM_KIND) as Kind[]) : undefined,
     profileDir: args.profile,
     serverNodeArgs: args['server-node-args']?.split(' ').filter(Boolean),
     hostileNice: num(args['hostile-nice'], 0),
     downFor: quick ? 2000 : 3000,
     log: (l) => console.log(`[${new Date().toISOString().slice(11, 19)}] ${l}`),
   };
+  // Attack kind "broadcast storm" (bench/abuse-storm.ts): its own run against `tether serve` with the HTTP API.
+  const storm = !args.kinds || args.kinds.split(',').includes(STORM_KIND);
+  const sockets = !args.kinds || (opts.kinds ?? []).length > 0;
   void (async () => {
-    const r = await runAbuse(opts);
-    console.log('\n' + formatReport(r));
+    let pass = true;
     fs.mkdirSync(path.join(HERE, 'results'), { recursive: true });
-    fs.writeFileSync(path.join(HERE, 'results', 'abuse.json'), JSON.stringify({ scenario: 'abuse', quick, at: new Date().toISOString(), report: r }, null, 2));
-    process.exit(r.pass ? 0 : 1);
+    if (sockets) {
+      const r = await runAbuse(opts);
+      console.log('\n' + formatReport(r));
+      fs.writeFileSync(path.join(HERE, 'results', 'abuse.json'), JSON.stringify({ scenario: 'abuse', quick, at: new Date().toISOString(), report: r }, null, 2));
+      pass &&= r.pass;
+    }
+    if (storm) {
+      const r = await runBroadcastStorm({
+        bystanders: quick ? 100 : 200,
+        devicesDown: 2000,
+        duration: num(args.duration, quick ? 5 : 15),
+        // --max-pending-sends N: the server's fleet bound for the storm (config maxPendingSends).
+        maxPendingSends: args['max-pending-sends'] ? Number(args['max-pending-sends']) : undefined,
+        serverNodeArgs: opts.serverNodeArgs,
+        log: opts.log,
+      });
+      console.log('\n' + formatStorm(r));
+      fs.writeFileSync(path.join(HERE, 'results', 'abuse-storm.json'), JSON.stringify({ scenario: 'broadcast-storm', quick, at: new Date().toISOString(), report: r }, null, 2));
+      pass &&= r.pass;
+    }
+    process.exit(pass ? 0 : 1);
   })().catch((e) => {
     console.error('abuse bench failed:', e);
     process.exit(2);

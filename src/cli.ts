@@ -292,7 +292,7 @@ async function serve(o: Opts, withFleet: boolean): Promise<void> {
     });
     void mesh.open(); // logs and retries until the port is there
   }
-  const fleet = new Fleet(server, cfg.types);
+  const fleet = new Fleet(server, cfg.types, { maxPendingSends: cfg.maxPendingSends, maxPendingBytes: cfg.maxPendingBytes });
   let bridge: MqttBridge | null = null;
   if (cfg.mqtt) {
     bridge = new MqttBridge(server, { ...cfg.mqtt, logger: log });

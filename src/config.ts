@@ -11,6 +11,7 @@ import { AuthOptions, hashProblem } from './auth';
 import type { BridgeOptions } from './bridge';
 import { APP_RESTART_DEFAULTS, AppRestartOptions } from './apps';
 import { ENDPOINT_DEFAULTS } from './endpoint';
+import { FLEET_DEFAULTS } from './fleet';
 import { HTTP_OPTION_CHECKS } from './http';
 import type { HttpLimitOptions } from './http';
 import { SERVER_DEFAULTS } from './server';
@@ -55,6 +56,10 @@ export interface TetherConfig {
   maxConnectionsPerAddress: number;
   maxSendBuffer: number;
   maxDevices: number;
+  /** Per-device sends the fleet (HTTP API, apps' fleet.send) holds waiting for devices; more get ERR_BUSY / 503. */
+  maxPendingSends: number;
+  /** Bytes of line text those sends hold, counted per device. */
+  maxPendingBytes: number;
   maxStrikes: number;
   strikeWindow: number;
   blockFor: number;
@@ -118,6 +123,8 @@ export const CONFIG_DEFAULTS: Omit<TetherConfig, 'baseDir' | 'idTimeout' | 'stal
   maxConnectionsPerAddress: SERVER_DEFAULTS.maxConnectionsPerAddress,
   maxSendBuffer: SERVER_DEFAULTS.maxSendBuffer,
   maxDevices: SERVER_DEFAULTS.maxDevices,
+  maxPendingSends: FLEET_DEFAULTS.maxPendingSends,
+  maxPendingBytes: FLEET_DEFAULTS.maxPendingBytes,
   maxStrikes: SERVER_DEFAULTS.maxStrikes,
   strikeWindow: SERVER_DEFAULTS.strikeWindow,
   blockFor: SERVER_DEFAULTS.blockFor,
@@ -255,6 +262,8 @@ const CHECKS: Record<string, Check> = {
   maxConnectionsPerAddress: int(1, 10_000_000),
   maxSendBuffer: int(1024, 1 << 30),
   maxDevices: int(1, 100_000_000),
+  maxPendingSends: int(1, 100_000_000),
+  maxPendingBytes: int(1024, 2 ** 34),
   maxStrikes: int(0, 1_000_000),
   strikeWindow: int(1, 86_400_000),
   blockFor: int(0, 86_400_000),

@@ -58,8 +58,8 @@ export interface FleetOptions {
   /**
    * Per-device sends held at once. Every device a send or broadcast addresses
    * holds one from the call until its outcome (for devices that are down: until
-   * its timeout), about 1.5 KB each; a broadcast to N devices holds N. A call
-   * that would go past it is refused whole (`ERR_BUSY`). Default 100000.
+   * its timeout), about 2 KB of heap each; a broadcast to N devices holds N. A
+   * call that would go past it is refused whole (`ERR_BUSY`). Default 100000.
    */
   maxPendingSends?: number;
   /** Bytes of line text those sends hold, counted once per device addressed. Default 64 MiB. */
@@ -69,7 +69,46 @@ export interface FleetOptions {
 export const FLEET_DEFAULTS = { maxPendingSends: 100_000, maxPendingBytes: 64 * 1024 * 1024 } as const;
 
 /** Devices a broadcast addresses per event-loop turn: a big fleet is addressed in slices, and device links are served in between. */
-export const FANOUT_SLICE = 1000;
+export const FANOUT_SLICE = 250;
+
+/**
+ * Devices of a broadcast that share one abort signal. Not one signal for all:
+ * Node's EventTarget compares a new listener with every listener it holds, so
+ * N writes on one signal cost N² (minutes at 100,000 devices).
+ */
+const SIGNAL_GROUP = 32;
+
+/** The timeout of a fan-out: one timer, and an abort signal per SIGNAL_GROUP devices. */
+class Deadline {
+  private readonly groups: AbortController[] = [];
+  private readonly timer: NodeJS.Timeout;
+  private reason: unknown = null;
+
+  constructor(ms: number) {
+    this.timer = setTimeout(() => {
+      this.reason = new DOMException('The operation was aborted due to timeout', 'TimeoutError');
+      for (const c of this.groups) c?.abort(this.reason);
+    }, ms);
+    this.timer.unref?.();
+  }
+
+  /** The signal of the `i`-th device (already aborted if the time is up). */
+  signal(i: number): AbortSignal {
+    if (this.reason !== null) return AbortSignal.abort(this.reason);
+    const g = Math.floor(i / SIGNAL_GROUP);
+    let c = this.groups[g];
+    if (!c) {
+      c = this.groups[g] = new AbortController();
+      setMaxListeners(0, c.signal); // up to two listeners per device of the group
+    }
+    return c.signal;
+  }
+
+  /** Every outcome is in: the timer is not needed any more. */
+  cancel(): void {
+    clearTimeout(this.timer);
+  }
+}
 
 /** Longest `timeout` of a send, ms (what a timer can hold). */
 const MAX_SEND_TIMEOUT = 2 ** 31 - 1;
@@ -96,7 +135,7 @@ export class FleetBusyError extends TetherError {
       'ERR_BUSY',
       `too many messages waiting for devices, nothing was sent: ${which}. Retry once some are answered ` +
         '(a device that is down holds its share until the timeout, so a shorter "timeout" frees it sooner), ' +
-        'address fewer devices at once, or raise maxPendingSends / maxPendingBytes if the server has the memory (about 1.5 KB per send plus the line).',
+        'address fewer devices at once, or raise maxPendingSends / maxPendingBytes if the server has the memory (about 2 KB per send plus the line).',
     );
     this.name = 'FleetBusyError';
   }
@@ -108,7 +147,7 @@ interface FanOut {
   next: number;
   line: string;
   bytes: number;
-  signal: AbortSignal;
+  deadline: Deadline;
   timeout: number;
   accepted: boolean;
   outcomes: Array<Promise<SendOutcome>>;
@@ -219,10 +258,9 @@ export class Fleet extends EventEmitter {
     const bytes = Buffer.byteLength(line);
     const refused = this.reserve(1, bytes);
     if (refused) return Promise.resolve({ id, status: 'failed', error: refused.message, code: refused.code });
-    const signal = AbortSignal.timeout(timeout);
     // Behind a broadcast still addressing its devices, so this device gets the two lines in call order.
-    if (this.fanouts.length > 0) return this.fanOut([conn], line, bytes, signal, timeout, opts.accepted === true).then((o) => o[0]);
-    return this.deliver(conn, line, bytes, signal, timeout, opts.accepted === true);
+    if (this.fanouts.length > 0) return this.fanOut([conn], line, bytes, timeout, opts.accepted === true).then((o) => o[0]);
+    return this.deliver(conn, line, bytes, AbortSignal.timeout(timeout), timeout, opts.accepted === true);
   }
 
   /**
@@ -254,10 +292,7 @@ export class Fleet extends EventEmitter {
     const bytes = Buffer.byteLength(line);
     const refused = this.reserve(conns.length, bytes * conns.length);
     if (refused) return Promise.reject(refused);
-    // One timer for the whole broadcast, however many devices wait on it.
-    const signal = AbortSignal.timeout(timeout);
-    setMaxListeners(0, signal);
-    return this.fanOut(conns, line, bytes, signal, timeout, opts.accepted === true);
+    return this.fanOut(conns, line, bytes, timeout, opts.accepted === true);
   }
 
   /** Holds `n` sends of `bytes` in total, or says why not. */
@@ -276,9 +311,27 @@ export class Fleet extends EventEmitter {
   }
 
   /** Queues devices (already reserved) to be addressed in call order, FANOUT_SLICE per event-loop turn. */
-  private fanOut(conns: Connection[], line: string, bytes: number, signal: AbortSignal, timeout: number, accepted: boolean): Promise<SendOutcome[]> {
+  private fanOut(conns: Connection[], line: string, bytes: number, timeout: number, accepted: boolean): Promise<SendOutcome[]> {
+    // One timer for the whole broadcast, however many devices wait on it.
+    const deadline = new Deadline(timeout);
     return new Promise<SendOutcome[]>((resolve) => {
-      const job: FanOut = { conns, next: 0, line, bytes, signal, timeout, accepted, outcomes: [], done: () => resolve(Promise.all(job.outcomes)) };
+      const job: FanOut = {
+        conns,
+        next: 0,
+        line,
+        bytes,
+        deadline,
+        timeout,
+        accepted,
+        outcomes: [],
+        done: () =>
+          resolve(
+            Promise.all(job.outcomes).then((o) => {
+              deadline.cancel();
+              return o;
+            }),
+          ),
+      };
       this.fanouts.push(job);
       // The first slice goes now: a broadcast to a small fleet is addressed at once, as before.
       if (this.fanouts.length === 1) this.slice();
@@ -291,7 +344,8 @@ export class Fleet extends EventEmitter {
     while (room > 0 && this.fanouts.length > 0) {
       const job = this.fanouts[0];
       while (room > 0 && job.next < job.conns.length) {
-        job.outcomes.push(this.deliver(job.conns[job.next++], job.line, job.bytes, job.signal, job.timeout, job.accepted));
+        const i = job.next++;
+        job.outcomes.push(this.deliver(job.conns[i], job.line, job.bytes, job.deadline.signal(i), job.timeout, job.accepted));
         room--;
       }
       if (job.next < job.conns.length) break;

