@@ -56,6 +56,7 @@ export interface TetherConfig {
   maxConnectionsPerAddress: number;
   maxSendBuffer: number;
   maxDevices: number;
+  maxBufferedBytes: number;
   /** Per-device sends the fleet (HTTP API, apps' fleet.send) holds waiting for devices; more get ERR_BUSY / 503. */
   maxPendingSends: number;
   /** Bytes of line text those sends hold, counted per device. */
@@ -123,6 +124,7 @@ export const CONFIG_DEFAULTS: Omit<TetherConfig, 'baseDir' | 'idTimeout' | 'stal
   maxConnectionsPerAddress: SERVER_DEFAULTS.maxConnectionsPerAddress,
   maxSendBuffer: SERVER_DEFAULTS.maxSendBuffer,
   maxDevices: SERVER_DEFAULTS.maxDevices,
+  maxBufferedBytes: SERVER_DEFAULTS.maxBufferedBytes,
   maxPendingSends: FLEET_DEFAULTS.maxPendingSends,
   maxPendingBytes: FLEET_DEFAULTS.maxPendingBytes,
   maxStrikes: SERVER_DEFAULTS.maxStrikes,
@@ -262,6 +264,7 @@ const CHECKS: Record<string, Check> = {
   maxConnectionsPerAddress: int(1, 10_000_000),
   maxSendBuffer: int(1024, 1 << 30),
   maxDevices: int(1, 100_000_000),
+  maxBufferedBytes: int(1, 2 ** 40),
   maxPendingSends: int(1, 100_000_000),
   maxPendingBytes: int(1024, 2 ** 34),
   maxStrikes: int(0, 1_000_000),

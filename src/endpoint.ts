@@ -53,11 +53,21 @@ export interface EndpointOptions {
   rxBufferBytes?: number;
   /** ms the receive buffer may stay full with no line read before the link is reported stalled ("nobody is reading"). Default: timeout. */
   stallAfter?: number;
+  /** A budget shared by many endpoints (the Server's maxBufferedBytes): buffered lines count against it too. Default: none. */
+  budget?: RxBudget;
   /** Writes queued behind the one being sent; a further write() waits for room. Default 64. */
   maxQueuedWrites?: number;
   /** Unacknowledged qos messages in flight for writes with `wait: false`. Kept far below the ring's ~120. Default 8. */
   window?: number;
   logger?: Logger;
+}
+
+/** Characters of received lines buffered by many endpoints together, and the most they may hold. */
+export class RxBudget {
+  used = 0;
+  /** Reported full (logged once until it has room again). */
+  full = false;
+  constructor(readonly max: number) {}
 }
 
 export const ENDPOINT_DEFAULTS = {
@@ -199,6 +209,7 @@ export abstract class Endpoint extends EventEmitter {
   private readonly rxHold: number;
   private readonly rxBufferBytes: number;
   private readonly stallAfter: number;
+  private budget: RxBudget | undefined;
   private readonly maxQueuedWrites: number;
   private readonly window: number;
 
@@ -261,6 +272,7 @@ export abstract class Endpoint extends EventEmitter {
     this.rxHold = checkInt('rxHold', opts.rxHold ?? ENDPOINT_DEFAULTS.rxHold, 1, 255);
     this.rxBufferBytes = checkInt('rxBufferBytes', opts.rxBufferBytes ?? ENDPOINT_DEFAULTS.rxBufferBytes, 1);
     this.stallAfter = checkInt('stallAfter', opts.stallAfter ?? this.timeout, 1);
+    this.budget = opts.budget;
     this.maxQueuedWrites = checkInt('maxQueuedWrites', opts.maxQueuedWrites ?? ENDPOINT_DEFAULTS.maxQueuedWrites, 1);
     this.window = checkInt('window', opts.window ?? ENDPOINT_DEFAULTS.window, 1, MAX_MID_SPAN);
     this.log = opts.logger ?? silentLogger;
@@ -447,7 +459,7 @@ export abstract class Endpoint extends EventEmitter {
   private next(signal: AbortSignal | undefined, auto: boolean): Promise<string> {
     const line = this.rx.shift();
     if (line !== undefined) {
-      this.rxBytes -= line.length - 1;
+      this.buffer(1 - line.length);
       this.consumed(auto);
       this.tookLine();
       return Promise.resolve(line);
@@ -473,6 +485,7 @@ export abstract class Endpoint extends EventEmitter {
         };
       }
       this.readers.push(reader);
+      if (this.held.length > 0) this.tookLine(); // held back by the shared budget: a reader takes it directly
     });
   }
 
@@ -493,6 +506,9 @@ export abstract class Endpoint extends EventEmitter {
     if (this.closed) return;
     this.closed = true;
     this.dropLink('closed');
+    // Lines left unread stay readable but no longer count against the shared budget.
+    if (this.budget) this.budget.used -= this.rxBytes;
+    this.budget = undefined;
     const err = closedError(this.describe());
     // Queued writes reject (with persistence they stay in the journal for the next run).
     for (const w of this.waiting.splice(0)) {
@@ -524,7 +540,7 @@ export abstract class Endpoint extends EventEmitter {
     this.nextKey = r.nextKey;
     for (const line of r.inbound) {
       this.rx.push(line + '\n');
-      this.rxBytes += line.length;
+      this.buffer(line.length);
     }
     for (const o of r.outbound) {
       if (o.mid === undefined) {
@@ -870,6 +886,20 @@ export abstract class Endpoint extends EventEmitter {
   }
 
   private hasRoom(bytes: number): boolean {
+    if (this.readers.length > 0) return true; // handed over at once, never buffered
+    if (this.budget && this.budget.used + bytes > this.budget.max) {
+      if (!this.budget.full) {
+        this.budget.full = true;
+        throttledWarn(this.log, 'received lines waiting for apps reached maxBufferedBytes: new messages wait un-ACKed until apps read', {
+          limit: 'maxBufferedBytes',
+          used: this.budget.used,
+          maxBufferedBytes: this.budget.max,
+          hint: 'apps are not reading (see stalled devices), or raise maxBufferedBytes',
+        });
+      }
+      return false;
+    }
+    if (this.budget) this.budget.full = false;
     return this.rx.length === 0 || (this.rx.length < this.rxBuffer && this.rxBytes + bytes <= this.rxBufferBytes);
   }
 
@@ -905,7 +935,13 @@ export abstract class Endpoint extends EventEmitter {
       return;
     }
     this.rx.push(line);
-    this.rxBytes += bytes;
+    this.buffer(payload.length);
+  }
+
+  /** Counts `n` characters into (or, negative, out of) this endpoint's buffer and the shared budget. */
+  private buffer(n: number): void {
+    this.rxBytes += n;
+    if (this.budget) this.budget.used += n;
   }
 
   /** The app took a line: take held messages into the room it made, and read on if reading was paused. */

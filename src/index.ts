@@ -9,7 +9,7 @@ export { Connection } from './connection';
 export type { ConnectionOptions } from './connection';
 export { Client } from './client';
 export type { ClientOptions } from './client';
-export { Endpoint, ENDPOINT_DEFAULTS } from './endpoint';
+export { Endpoint, ENDPOINT_DEFAULTS, RxBudget } from './endpoint';
 export type { Counters, WriteOptions, EndpointOptions, EndpointState } from './endpoint';
 export { TetherError } from './errors';
 export type { TetherErrorCode } from './errors';

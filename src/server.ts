@@ -8,7 +8,7 @@ import { isUtf8 } from 'node:buffer';
 import type { AddressInfo } from 'node:net';
 import { AUTH_DEFAULTS, AuthOptions, FailureTracker, hashProblem, splitSecret, verifySecret } from './auth';
 import { Connection, ConnectionOptions, Durable } from './connection';
-import { checkInt, ENDPOINT_DEFAULTS } from './endpoint';
+import { checkInt, ENDPOINT_DEFAULTS, RxBudget } from './endpoint';
 import { closedError, TetherError, waitAbortedError } from './errors';
 import type { Link } from './link';
 import { createLogger, Logger } from './log';
@@ -49,6 +49,12 @@ export interface ServerOptions extends ConnectionOptions {
   /** Client IDs (Connections) the server keeps at most; links with a new ID beyond this are refused. Default 100000. */
   maxDevices?: number;
   /**
+   * Characters of received lines waiting for apps, over all Connections
+   * together; beyond it new messages wait un-ACKed until apps read (each
+   * Connection is bounded by rxBufferBytes as well). Default 67108864 (64 MiB).
+   */
+  maxBufferedBytes?: number;
+  /**
    * Protocol violations from one source address within `strikeWindow` that get it
    * blocked for `blockFor`: no ID line in time, an over-long or bad ID line,
    * closing before the ID line, an over-long line, a link sending bad lines.
@@ -80,6 +86,7 @@ export const SERVER_DEFAULTS = {
   maxConnectionsPerAddress: 256,
   maxSendBuffer: 1024 * 1024,
   maxDevices: 100_000,
+  maxBufferedBytes: 64 * 1024 * 1024,
   maxStrikes: 10,
   strikeWindow: 60_000,
   blockFor: 60_000,
@@ -209,7 +216,8 @@ export class Server extends EventEmitter {
   constructor(readonly opts: ServerOptions = {}) {
     super();
     this.log = opts.logger ?? createLogger();
-    this.connOpts = { ...opts, logger: this.log };
+    const budget = new RxBudget(checkInt('maxBufferedBytes', opts.maxBufferedBytes ?? SERVER_DEFAULTS.maxBufferedBytes, 1));
+    this.connOpts = { ...opts, logger: this.log, budget };
     this.idTimeout = checkInt('idTimeout', opts.idTimeout ?? opts.timeout ?? ENDPOINT_DEFAULTS.timeout, 1);
     this.maxIdLength = checkInt('maxIdLength', opts.maxIdLength ?? SERVER_DEFAULTS.maxIdLength, 1);
     this.allow = opts.allow ? new Set(opts.allow) : null;
