@@ -386,7 +386,7 @@ export abstract class Endpoint extends EventEmitter {
     const delivery = this.deliver(payload, qos, wait, qos && opts.accepted ? undefined : signal, key);
     if (qos && opts.accepted) {
       delivery.catch((e: unknown) => {
-        if (!(e instanceof TetherError && e.code === 'ERR_CLOSED')) this.log.warn('accepted write not delivered', { error: (e as Error).message });
+        if (!(e instanceof TetherError && e.code === 'ERR_CLOSED')) throttledWarn(this.log, 'accepted write not delivered', { error: (e as Error).message });
       });
       return Promise.resolve();
     }
@@ -820,7 +820,7 @@ export abstract class Endpoint extends EventEmitter {
       (err: Error) => {
         const i = this.handing.indexOf(entry);
         if (i >= 0) this.handing.splice(i, 1);
-        this.log.warn('message not handed on: not ACKed, the peer resends it', { mid, error: err?.message });
+        throttledWarn(this.log, 'message not handed on: not ACKed, the peer resends it', { mid, error: err?.message });
         this.ackHanded(); // later ones that were waiting behind it
       },
     );

@@ -44,7 +44,16 @@ const throttles = new WeakMap<object, Map<string, Throttle>>();
  * first record after a quiet spell says how many were suppressed meanwhile.
  */
 export function throttledWarn(log: Logger, msg: string, fields: Fields = {}, now = Date.now()): void {
-  if (log.level === 'error' || log.level === 'silent') return;
+  throttled(log, 'warn', msg, fields, now);
+}
+
+/** The same at info level: for records a peer can cause at will (one per new client ID…). */
+export function throttledInfo(log: Logger, msg: string, fields: Fields = {}, now = Date.now()): void {
+  throttled(log, 'info', msg, fields, now);
+}
+
+function throttled(log: Logger, level: 'warn' | 'info', msg: string, fields: Fields, now: number): void {
+  if (log.level === 'error' || log.level === 'silent' || (level === 'info' && log.level === 'warn')) return;
   const key = log.throttleKey ?? log;
   let byMsg = throttles.get(key);
   if (!byMsg) throttles.set(key, (byMsg = new Map()));
@@ -63,9 +72,9 @@ export function throttledWarn(log: Logger, msg: string, fields: Fields = {}, now
   }
   t.logged++;
   if (t.suppressed > 0) {
-    log.warn(msg, { ...fields, suppressed: t.suppressed, note: 'similar warnings were suppressed (at most 10 per 10 s are logged)' });
+    log[level](msg, { ...fields, suppressed: t.suppressed, note: 'similar records were suppressed (at most 10 per 10 s are logged)' });
     t.suppressed = 0;
   } else {
-    log.warn(msg, fields);
+    log[level](msg, fields);
   }
 }

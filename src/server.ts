@@ -13,7 +13,7 @@ import { closedError, TetherError, waitAbortedError } from './errors';
 import type { Link } from './link';
 import { createLogger, Logger } from './log';
 import { FileStore, StoreOptions } from './store';
-import { LimitHits, LimitName, throttledWarn, zeroHits } from './limits';
+import { LimitHits, LimitName, throttledInfo, throttledWarn, zeroHits } from './limits';
 import { TcpTransport, TlsOptions, TLS_CLIENT_CERTS } from './transports/tcp';
 import { Notifier, preview } from './util';
 
@@ -185,6 +185,8 @@ export class Server extends EventEmitter {
   private readonly auth: (Required<Omit<AuthOptions, 'devices'>> & { devices: Map<string, string> }) | null;
   private readonly failures: FailureTracker | null;
   private readonly strikes: FailureTracker | null;
+  /** Newcomers presenting an ID that is already connected, per address: a flood of them blocks it too. */
+  private readonly dupes: FailureTracker | null;
   private readonly maxStrikes: number;
   private readonly maxDevices: number;
   private readonly grammar: IdLineGrammar;
@@ -241,6 +243,9 @@ export class Server extends EventEmitter {
             checkInt('blockFor', opts.blockFor ?? SERVER_DEFAULTS.blockFor, 0),
           )
         : null;
+    // A board retrying while its old link times out, or two boards sharing an ID, present a
+    // duplicate every few seconds; only a flood far beyond that blocks the address.
+    this.dupes = this.strikes ? new FailureTracker(this.maxStrikes * 10, opts.strikeWindow ?? SERVER_DEFAULTS.strikeWindow, opts.blockFor ?? SERVER_DEFAULTS.blockFor) : null;
     if (opts.tls && !TLS_CLIENT_CERTS.includes(opts.tls.clientCerts ?? 'off')) {
       throw new TetherError('ERR_BAD_CONFIG', `tls.clientCerts must be one of ${TLS_CLIENT_CERTS.join(', ')}, got ${JSON.stringify(opts.tls.clientCerts)}`);
     }
@@ -290,7 +295,7 @@ export class Server extends EventEmitter {
   /** Decides whether a new socket from `address` may stay open (the connection limits and address blocks). */
   private admit(address: string): LimitName | null {
     const authBlock = this.failures?.blockedFor(address) ?? 0;
-    const blocked = Math.max(authBlock, this.strikes?.blockedFor(address) ?? 0);
+    const blocked = Math.max(authBlock, this.strikes?.blockedFor(address) ?? 0, this.dupes?.blockedFor(address) ?? 0);
     if (blocked > 0) {
       this.hitLimit('addressBlocked', 'connection refused: address blocked', {
         address,
@@ -332,7 +337,7 @@ export class Server extends EventEmitter {
 
   /** Source addresses blocked right now after failed authentication. */
   get blockedAddresses(): number {
-    return (this.failures?.blockedCount ?? 0) + (this.strikes?.blockedCount ?? 0);
+    return (this.failures?.blockedCount ?? 0) + (this.strikes?.blockedCount ?? 0) + (this.dupes?.blockedCount ?? 0);
   }
 
   /** Starts listening for device links on TCP, or TLS with `tls` (once each). */
@@ -564,7 +569,7 @@ export class Server extends EventEmitter {
     if (this.allow && !this.allow.has(id)) {
       this.handshakes.unknownId++;
       link.close('unknown client ID');
-      this.log.warn('unknown client ID rejected', { id, remote: link.remote, hint: 'add it to "allow" in the config' });
+      throttledWarn(this.log, 'unknown client ID rejected', { id, remote: link.remote, hint: 'add it to "allow" in the config' });
       return;
     }
     let conn = this.conns.get(id);
@@ -580,9 +585,18 @@ export class Server extends EventEmitter {
     }
     if (conn?.hasLink) {
       this.handshakes.duplicateId++;
+      const address = link.address ?? link.remote;
+      if (this.dupes?.fail(address)) {
+        this.hitLimit('strikes', 'address blocked: it keeps presenting client IDs that are already connected', {
+          address,
+          id,
+          per: this.maxStrikes * 10,
+          hint: 'a real board retries every few seconds at most; if this is one, give each board its own ID',
+        });
+      }
       if (this.duplicateId === 'ignore-new') {
         link.close('duplicate client ID');
-        this.log.warn('duplicate client ID: newcomer closed, the connected link stays', {
+        throttledWarn(this.log, 'duplicate client ID: newcomer closed, the connected link stays', {
           id,
           remote: link.remote,
           connected: conn.remote,
@@ -590,13 +604,13 @@ export class Server extends EventEmitter {
         });
         return;
       }
-      this.log.warn('duplicate client ID: old link replaced by the newcomer', { id, remote: link.remote, replaced: conn.remote });
+      throttledWarn(this.log, 'duplicate client ID: old link replaced by the newcomer', { id, remote: link.remote, replaced: conn.remote });
       conn.disconnect('replaced by a newer link with the same ID');
     }
     this.handshakes.accepted++;
     if (!conn) {
       if (!this.allow && this.expected.length > 0 && !this.expected.includes(id)) {
-        this.log.info('client ID not in the expected list: accepted', { id, remote: link.remote });
+        throttledInfo(this.log, 'client ID not in the expected list: accepted', { id, remote: link.remote });
       }
       let durable: Durable | undefined;
       try {

@@ -486,7 +486,7 @@ export class MeshTransport extends EventEmitter {
   }
 
   private readonly onDrop = (why: string): void => {
-    this.log.warn('dropped a damaged frame from the mesh root', { why });
+    throttledWarn(this.log, 'dropped a damaged frame from the mesh root', { why });
   };
 
   private readonly onFrame = (body: Buffer): void => {
@@ -497,7 +497,7 @@ export class MeshTransport extends EventEmitter {
     } catch (e) {
       if (!(e instanceof BodyError)) throw e;
       this.stats.badBodies++;
-      this.log.warn('dropped a malformed frame from the mesh root', { error: e.message, frame: preview(body) });
+      throttledWarn(this.log, 'dropped a malformed frame from the mesh root', { error: e.message, frame: preview(body) });
       return;
     }
     switch (m.op) {
@@ -523,7 +523,7 @@ export class MeshTransport extends EventEmitter {
         break;
       }
       case 'root-reset':
-        this.log.warn('mesh root reset: every mesh link is in outage');
+        throttledWarn(this.log, 'mesh root reset: every mesh link is in outage');
         this.loseLinks('mesh root reset');
         this.quietUntil.clear();
         this.quietAll = Date.now() + this.opts.quarantine;
@@ -547,7 +547,7 @@ export class MeshTransport extends EventEmitter {
         break;
       case 'unknown':
         this.stats.unknownOpcodes++;
-        this.log.warn('skipped a frame with an unknown opcode', { node: hex4(m.addr), opcode: m.opcode });
+        throttledWarn(this.log, 'skipped a frame with an unknown opcode', { node: hex4(m.addr), opcode: m.opcode });
         break;
     }
   };
@@ -593,7 +593,7 @@ export class MeshTransport extends EventEmitter {
     const head = this.fifo.shift();
     if (!head) {
       this.stats.resultsUnexpected++;
-      this.log.warn('RESULT from the mesh root with no command waiting', { ok, error });
+      throttledWarn(this.log, 'RESULT from the mesh root with no command waiting', { ok, error });
       return;
     }
     if (ok) {
@@ -601,7 +601,7 @@ export class MeshTransport extends EventEmitter {
       head.resolve?.();
     } else {
       this.stats.resultsFailed++;
-      this.log.warn('mesh root refused a command', { command: head.cmd, error });
+      throttledWarn(this.log, 'mesh root refused a command', { command: head.cmd, error });
       head.reject?.(new MeshCommandError(head.cmd, error));
     }
     this.nextCall();
