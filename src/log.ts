@@ -35,10 +35,27 @@ export interface LoggerOptions {
   stream?: NodeJS.WritableStream;
 }
 
+/**
+ * Characters JSON.stringify leaves as they are but a terminal acts on: C1
+ * controls, invisible and direction-changing marks. Text from devices (IDs,
+ * lines) must never steer the terminal an operator reads logs in.
+ */
+const UNSAFE_CHARS = '\\u007f-\\u009f\\u00ad\\u061c\\u200b-\\u200f\\u2028-\\u202e\\u2060-\\u2069\\ufeff';
+const UNSAFE = new RegExp(`[${UNSAFE_CHARS}]`, 'g');
+/** Whether a string needs quoting: whitespace, quotes, `=`, backslashes, any control or unsafe character (no /g: test() keeps no state). */
+const QUOTE = new RegExp(`[\\s"=\\\\\\u0000-\\u001f${UNSAFE_CHARS}]`);
+
+/** `JSON.stringify` with those characters escaped too (still valid JSON). */
+export function safeJson(v: unknown, replacer?: (k: string, v: unknown) => unknown): string {
+  const s = JSON.stringify(v, replacer as never);
+  return s === undefined ? String(v) : s.replace(UNSAFE, (c) => '\\u' + c.charCodeAt(0).toString(16).padStart(4, '0'));
+}
+
 function prettyValue(v: unknown): string {
-  if (typeof v === 'string') return /[\s"=]/.test(v) || v === '' ? JSON.stringify(v) : v;
-  if (v instanceof Error) return JSON.stringify(v.message);
-  return JSON.stringify(v) ?? String(v);
+  // Quoted (and escaped) whenever it holds anything but plain printable text.
+  if (typeof v === 'string') return QUOTE.test(v) || v === '' ? safeJson(v) : v;
+  if (v instanceof Error) return safeJson(v.message);
+  return safeJson(v);
 }
 
 export function formatPretty(rec: LogRecord): string {
@@ -47,7 +64,7 @@ export function formatPretty(rec: LogRecord): string {
   const kv = Object.entries(rest)
     .map(([k, v]) => `${k}=${prettyValue(v)}`)
     .join(' ');
-  return `${t} ${level.toUpperCase().padEnd(5)} ${msg}${kv ? ' ' + kv : ''}`;
+  return `${t} ${level.toUpperCase().padEnd(5)} ${msg.replace(UNSAFE, '?').replace(/[\u0000-\u001f]/g, '?')}${kv ? ' ' + kv : ''}`;
 }
 
 export function createLogger(opts: LoggerOptions = {}): Logger {
@@ -57,7 +74,7 @@ export function createLogger(opts: LoggerOptions = {}): Logger {
   const sink =
     opts.sink ??
     ((rec: LogRecord) => {
-      stream.write((format === 'json' ? JSON.stringify(rec, errorReplacer) : formatPretty(rec)) + '\n');
+      stream.write((format === 'json' ? safeJson(rec, errorReplacer) : formatPretty(rec)) + '\n');
     });
   return make(level, sink, {});
 }

@@ -114,6 +114,27 @@ export interface IdLine {
   meta?: Record<string, unknown>;
 }
 
+/**
+ * Why `id` cannot be a client ID, or null. tether takes any ID the original
+ * server takes except those no operator could tell apart or address: empty or
+ * white space only, or holding control characters (a trailing `\r` or `\0`,
+ * terminal escapes) or invisible text-direction marks (right-to-left tricks).
+ */
+export function idProblem(id: string): string | null {
+  if (id.trim() === '') return 'the client ID is empty or only white space';
+  const bad = /[\u0000-\u001f\u007f-\u009f\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]/.exec(id);
+  if (bad) {
+    const code = bad[0].charCodeAt(0).toString(16).toUpperCase().padStart(4, '0');
+    return `the client ID contains U+${code}, a control or invisible character: set a plain ID on the board`;
+  }
+  return null;
+}
+
+/** The one form of a client ID tether uses: Unicode NFC, so two encodings of "café" are one device. */
+export function normalizeId(id: string): string {
+  return id.normalize('NFC');
+}
+
 /** Which parts of tether's ID-line grammar are in use (each off: those characters belong to the ID, as with the original server). */
 export interface IdLineGrammar {
   /** `id@secret`: on when device authentication is configured. */
@@ -132,7 +153,11 @@ export interface IdLineGrammar {
 export function parseIdLine(line: string, grammar: IdLineGrammar = { secrets: true, types: true }): IdLine | { error: string } {
   const at = grammar.types ? line.indexOf('##') : -1;
   const head = at < 0 ? line : line.slice(0, at);
-  const { id, secret } = grammar.secrets ? splitSecret(head) : { id: head, secret: null };
+  const split = grammar.secrets ? splitSecret(head) : { id: head, secret: null };
+  const id = normalizeId(split.id);
+  const secret = split.secret;
+  const problem = id ? idProblem(id) : null;
+  if (problem) return { error: problem };
   if (!id) return { error: at < 0 ? 'empty client ID before "@"' : 'empty client ID before "##"' };
   if (secret === '') return { error: 'empty secret after "@"' };
   if (at < 0) return { id, secret };
@@ -222,7 +247,7 @@ export class Server extends EventEmitter {
     this.connOpts = { ...opts, logger: this.log, budget };
     this.idTimeout = checkInt('idTimeout', opts.idTimeout ?? opts.timeout ?? ENDPOINT_DEFAULTS.timeout, 1);
     this.maxIdLength = checkInt('maxIdLength', opts.maxIdLength ?? SERVER_DEFAULTS.maxIdLength, 1);
-    this.allow = opts.allow ? new Set(opts.allow) : null;
+    this.allow = opts.allow ? new Set(opts.allow.map(normalizeId)) : null;
     this.expected = opts.expected ?? [];
     this.duplicateId = opts.duplicateId ?? SERVER_DEFAULTS.duplicateId;
     const persist = typeof opts.persist === 'string' ? { dir: opts.persist } : opts.persist;
@@ -252,7 +277,7 @@ export class Server extends EventEmitter {
     this.grammar = { secrets: !!opts.auth, types: opts.idLineTypes ?? SERVER_DEFAULTS.idLineTypes };
     if (opts.auth) {
       const a = opts.auth;
-      const devices = new Map(Object.entries(a.devices ?? {}));
+      const devices = new Map(Object.entries(a.devices ?? {}).map(([id, h]) => [normalizeId(id), h] as const));
       for (const [id, stored] of devices) {
         if (hashProblem(stored)) throw new TetherError('ERR_BAD_CONFIG', `auth.devices[${JSON.stringify(id)}] must be ${hashProblem(stored)}`);
       }
@@ -379,7 +404,7 @@ export class Server extends EventEmitter {
 
   /** The Connection for `id`, if that client has ever connected. */
   get(id: string): Connection | undefined {
-    return this.conns.get(id);
+    return this.conns.get(id) ?? this.conns.get(normalizeId(id));
   }
 
   /** Every Connection so far. */
@@ -389,6 +414,7 @@ export class Server extends EventEmitter {
 
   /** The Connection for `id`, waiting until that client first connects. */
   async clientConn(id: string, signal?: AbortSignal): Promise<Connection> {
+    id = normalizeId(id);
     for (;;) {
       const c = this.conns.get(id);
       if (c) return c;

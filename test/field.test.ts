@@ -7,6 +7,7 @@ import test, { ExecutionContext } from 'ava';
 import * as net from 'node:net';
 import { Client, Connection, Server, ServerOptions, silentLogger } from '../src';
 import { withBootId } from '../src/client';
+import { createLogger, formatPretty } from '../src/log';
 import { eventually, RawPeer } from './helpers/raw';
 
 const TIMEOUT = 1000;
@@ -172,4 +173,26 @@ test("tether's Node client can announce a boot id; the server reads it when idLi
   t.regex(String(conn.meta.boot), /^[\w-]{10}$/);
   t.is(withBootId('a', 'B'), 'a####{"boot":"B"}');
   t.is(withBootId('a##t##{"room":"hall"}', 'B'), 'a##t##{"room":"hall","boot":"B"}');
+});
+
+test('ID policy: look-alikes are one device (NFC), control and direction characters are refused, escapes never reach the log raw', async (t) => {
+  const logs: string[] = [];
+  const server = await start(t, { logger: createLogger({ level: 'info', sink: (r) => logs.push(formatPretty(r)) }) });
+  const nfc = 'caf\u00e9';
+  const nfd = 'cafe\u0301';
+  let p = await board(t, server, nfd);
+  p.send('00hi\n');
+  await p.next();
+  t.truthy(server.get(nfc), 'the decomposed form is stored as NFC');
+  t.is(server.get(nfd), server.get(nfc), 'either spelling finds it');
+  for (const id of ['dev\r', 'dev\u0000', 'evil\u202etxt.exe', '   ', 'red\u001b[31m']) {
+    const r = await RawPeer.hello(server.port, id);
+    t.teardown(() => r.close());
+    await r.closed;
+    t.is(server.get(id), undefined, `${JSON.stringify(id)} refused`);
+  }
+  p = await board(t, server, 'plain-after');
+  t.truthy(server.get('plain-after'));
+  t.false(logs.some((l) => /[\u001b\u202e]/.test(l)), 'no raw escape or direction mark in the log');
+  t.true(logs.some((l) => l.includes('U+000D')), 'the refusal says which character');
 });
