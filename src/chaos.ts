@@ -17,7 +17,7 @@ import * as net from 'node:net';
 import { TetherError } from './errors';
 import type { Logger } from './log';
 import { silentLogger } from './log';
-import { prng } from './util';
+import { prng, shown } from './util';
 
 export type FaultKind = 'cut' | 'blackhole' | 'delay' | 'split';
 export const FAULT_KINDS: readonly FaultKind[] = ['cut', 'blackhole', 'delay', 'split'];
@@ -263,7 +263,7 @@ class Pair {
 
 function checkMs(name: string, v: number, min = 0): number {
   if (typeof v !== 'number' || !Number.isFinite(v) || v < min) {
-    throw new TetherError('ERR_BAD_CONFIG', `chaos option ${name} must be a number of ms >= ${min}, got ${JSON.stringify(v)}`);
+    throw new TetherError('ERR_BAD_CONFIG', `chaos option ${name} must be a number of ms >= ${min}, got ${shown(v)}`);
   }
   return v;
 }

@@ -6,6 +6,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { TetherError } from './errors';
+import { shown } from './util';
 import type { Level } from './log';
 import { AuthOptions, hashProblem } from './auth';
 import type { BridgeOptions } from './bridge';
@@ -365,7 +366,7 @@ export function resolveConfig(raw: unknown, where = 'config', baseDir = process.
       continue;
     }
     const want = check(value);
-    if (want) problems.push(`"${key}" must be ${want}, got ${JSON.stringify(value)}`);
+    if (want) problems.push(`"${key}" must be ${want}, got ${shown(value)}`);
   }
   if (problems.length > 0) throw bad(where, problems.join('; '));
   const merged = { ...CONFIG_DEFAULTS, ...obj } as typeof CONFIG_DEFAULTS;

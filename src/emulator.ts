@@ -49,7 +49,7 @@ import type { Logger } from './log';
 import { silentLogger } from './log';
 import { encodeFrame, FrameDecoder, Op, parseCommandBody, resultBody, rootBody } from './protocol/frames';
 import type { DataType, DataTypeTable, TelemetryValue } from './telemetry';
-import { sleep } from './util';
+import { shown, sleep } from './util';
 
 export interface MeshRootEmulatorOptions {
   /** Serial port to open (e.g. one end of a socat pty pair). Give this or `stream`. */
@@ -171,7 +171,7 @@ function badConfig(msg: string): TetherError {
 function checkMs(name: string, v: number | undefined, min: number, dflt: number): number {
   const x = v ?? dflt;
   if (!Number.isFinite(x) || x < 0 || (x !== 0 && x < min)) {
-    throw badConfig(`option ${name} must be 0 (off) or a number of ms >= ${min}, got ${JSON.stringify(v)}`);
+    throw badConfig(`option ${name} must be 0 (off) or a number of ms >= ${min}, got ${shown(v)}`);
   }
   return x;
 }

@@ -28,7 +28,7 @@ import {
   ReceiveFilter,
 } from './protocol';
 import type { Journal, RestoredState } from './store';
-import { deferred, Notifier, preview, raceAbort } from './util';
+import { deferred, Notifier, preview, raceAbort, shown } from './util';
 
 export interface EndpointOptions {
   /** Outage after this many ms without a byte from the peer; keepalives every timeout/4. Both ends must agree. Default 2000. */
@@ -193,7 +193,7 @@ interface Reader {
 /** An option's value, or a TetherError saying what range it must be in. */
 export function checkInt(name: string, v: number, min: number, max = Number.MAX_SAFE_INTEGER): number {
   if (!Number.isInteger(v) || v < min || v > max) {
-    throw new TetherError('ERR_BAD_CONFIG', `option ${name} must be an integer from ${min} to ${max}, got ${JSON.stringify(v)}`);
+    throw new TetherError('ERR_BAD_CONFIG', `option ${name} must be an integer from ${min} to ${max}, got ${shown(v)}`);
   }
   return v;
 }

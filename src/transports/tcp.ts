@@ -4,6 +4,7 @@
  * address) before a socket becomes a link, and each link caps what it buffers
  * for a peer that does not read.
  */
+import * as crypto from 'node:crypto';
 import * as fs from 'node:fs';
 import * as net from 'node:net';
 import * as tls from 'node:tls';
@@ -177,26 +178,49 @@ export interface TcpListenOptions {
   maxSendBuffer?: number;
 }
 
+/**
+ * Reads a PEM file and checks that it holds what `what` needs (a private key,
+ * or certificates), so a wrong or damaged file is named in the error instead
+ * of surfacing later as a bare OpenSSL message. `where` is the option's path
+ * in the config, e.g. `tls.key`.
+ */
+export function readPem(where: string, file: string): Buffer {
+  let buf: Buffer;
+  try {
+    buf = fs.readFileSync(file);
+  } catch (e) {
+    throw new TetherError('ERR_BAD_CONFIG', `${where}: cannot read ${file} (${(e as NodeJS.ErrnoException).code ?? e}): check the path`);
+  }
+  try {
+    if (where.endsWith('key')) crypto.createPrivateKey(buf);
+    else new crypto.X509Certificate(buf);
+  } catch (e) {
+    const want = where.endsWith('key') ? 'a PEM private key (-----BEGIN PRIVATE KEY-----)' : 'a PEM certificate (-----BEGIN CERTIFICATE-----)';
+    throw new TetherError('ERR_BAD_CONFIG', `${where}: ${file} is not ${want} (${(e as Error).message}): check that the file is the right one and complete`);
+  }
+  return buf;
+}
+
 /** Reads the PEM files named by `opts`, with an error that says which file is wrong. */
 function secureContextOptions(opts: TlsOptions): tls.TlsOptions {
-  const read = (what: string, file: string) => {
-    try {
-      return fs.readFileSync(file);
-    } catch (e) {
-      throw new TetherError('ERR_BAD_CONFIG', `tls.${what}: cannot read ${file} (${(e as NodeJS.ErrnoException).code ?? e}): check the path`);
-    }
-  };
+  const read = (what: string, file: string) => readPem(`tls.${what}`, file);
   const clientCerts = opts.clientCerts ?? 'off';
   if (clientCerts !== 'off' && !opts.ca) {
     throw new TetherError('ERR_BAD_CONFIG', `tls.clientCerts is "${clientCerts}" but tls.ca is not set: give the CA file client certificates are signed by`);
   }
-  return {
+  const out = {
     key: read('key', opts.key),
     cert: read('cert', opts.cert),
     ca: opts.ca ? read('ca', opts.ca) : undefined,
     requestCert: clientCerts !== 'off',
     rejectUnauthorized: clientCerts === 'required',
   };
+  try {
+    tls.createSecureContext(out);
+  } catch (e) {
+    throw new TetherError('ERR_BAD_CONFIG', `tls: ${opts.key} and ${opts.cert} do not make a TLS identity (${(e as Error).message}): the key must be the one the certificate was made for`);
+  }
+  return out;
 }
 
 /** Accepts TCP (or TLS) connections and hands each one, as a link, to `accept`. */
