@@ -201,11 +201,17 @@
     badge.className = 'badge';
     badge.dataset.testid = 'status-' + id;
     statusCell.appendChild(badge);
+    // What needs the operator: nobody reading the device, its app failing.
+    const note = document.createElement('span');
+    note.className = 'note';
+    note.dataset.testid = 'note-' + id;
+    statusCell.appendChild(note);
     const rec = {
       tr,
       id: idCell,
       type,
       badge,
+      note,
       remote: td(tr, 'remote'),
       seen: td(tr, 'seen'),
       outages: td(tr, 'num'),
@@ -238,6 +244,7 @@
       rec.badge.dataset.status = d.status;
       rec.tr.dataset.status = d.status;
     }
+    set(rec, 'note', rec.note, noteText(d));
     set(rec, 'remote', rec.remote, d.remote || '—');
     set(rec, 'seen', rec.seen, seenText(d));
     if (rec.v.seenAt !== d.lastSeen) {
@@ -787,10 +794,25 @@
     while (el.dvLines.childElementCount > MAX_LINES) el.dvLines.lastElementChild.remove();
   }
 
+  /** A short warning for the device's row: stalled, or its app failing; '' when all is well. */
+  function noteText(d) {
+    if (d.stalled) return 'stalled: nobody is reading';
+    const apps = d.apps || [];
+    const failing = apps.find((a) => a.state === 'restarting');
+    if (failing) return 'app ' + failing.app + ' failed, restarting';
+    const failures = apps.reduce((n, a) => n + (a.failures || 0), 0);
+    return failures > 0 ? 'app failures: ' + failures : '';
+  }
+
   function metaPairs(d) {
     const pairs = [
       ['type', d.type == null ? '—' : d.type],
       ['remote', d.remote || '—'],
+      ['receive buffer', (d.buffered || 0) + ' lines waiting, ' + (d.held || 0) + ' held un-ACKed' + (d.stalled ? ' — stalled: nobody is reading' : '')],
+      ...(d.apps || []).map((a) => [
+        'app ' + a.app,
+        a.state + (a.failures ? ', ' + a.failures + ' failure' + (a.failures === 1 ? '' : 's') + (a.lastError ? ', last: ' + a.lastError : '') : ''),
+      ]),
       ['last seen', d.status === 'up' ? 'now (link up)' : d.lastSeen ? ago(d.lastSeen) + ' (' + new Date(d.lastSeen).toLocaleTimeString() + ')' : 'never'],
     ];
     const meta = d.meta || {};

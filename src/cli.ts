@@ -317,6 +317,7 @@ async function serve(o: Opts, withFleet: boolean): Promise<void> {
   const runner = new AppRunner(server, log, fleet, cfg.appRestart);
   // An app's error costs that app instance (restarted after a pause), never the process.
   runner.guardProcess();
+  api?.setApps(runner);
   for (const app of apps) runner.add(app);
   // Lines of devices no app reads are accepted and shown (dashboard, API, MQTT), not left to pile up.
   runner.acceptUnclaimed();

@@ -32,6 +32,8 @@ import * as path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import * as prom from 'prom-client';
 import { WebSocket, WebSocketServer } from 'ws';
+import { uncaughtErrors } from './apps';
+import type { AppRunner } from './apps';
 import type { MqttBridge } from './bridge';
 import type { Connection } from './connection';
 import { ENDPOINT_DEFAULTS } from './endpoint';
@@ -750,7 +752,7 @@ interface Row extends Sortable {
 }
 
 type CounterKey = keyof Counters;
-const SUMMED: CounterKey[] = ['connects', 'outages', 'messagesIn', 'messagesOut', 'retransmits', 'duplicatesDropped', 'bytesIn', 'bytesOut', 'badLines', 'longLines', 'shed'];
+const SUMMED: CounterKey[] = ['connects', 'outages', 'messagesIn', 'messagesOut', 'retransmits', 'duplicatesDropped', 'bytesIn', 'bytesOut', 'badLines', 'longLines', 'shed', 'stalls'];
 const REJECTIONS: Array<keyof HandshakeStats> = ['idTimeout', 'idTooLong', 'badId', 'unknownId', 'duplicateId', 'authFailed', 'closedEarly'];
 
 export class HttpApi {
@@ -770,6 +772,8 @@ export class HttpApi {
   private readonly http: http.Server;
   private readonly secure: boolean;
   private readonly bridge: MqttBridge | null;
+  /** The app runner, once `tether serve` has one (setApps): its failures and states go into /metrics. */
+  private apps: AppRunner | null = null;
   private readonly wss: WebSocketServer;
   private readonly browsers = new Set<Browser>();
   private readonly recent = new Map<string, { lines: RecentLine[]; chars: number }>();
@@ -861,7 +865,7 @@ export class HttpApi {
     const onConnection = (c: Connection) => this.watch(c);
     this.server.on('connection', onConnection);
     this.detach.push(() => this.server.off('connection', onConnection));
-    for (const ev of ['connect', 'disconnect', 'message', 'telemetry']) {
+    for (const ev of ['connect', 'disconnect', 'message', 'telemetry', 'stalled', 'app']) {
       const fn = (d: DeviceInfo) => this.changed(d.id);
       this.fleet.on(ev, fn);
       this.detach.push(() => this.fleet.off(ev, fn));
@@ -1227,6 +1231,13 @@ export class HttpApi {
           'POST /api/devices/:id/messages, POST /api/broadcast (IDs URL-encoded)',
       );
     }
+    if (p === '/healthz') {
+      // For monitors and load balancers: cheap, no device data, 200 while the server serves.
+      allow('GET');
+      let up = 0;
+      for (const c of this.server.connections()) if (c.isUp) up++;
+      return this.json(res, 200, { status: 'ok', devicesUp: up, devices: this.server.connections().length, uptimeSeconds: Math.round(process.uptime()) });
+    }
     if (p === '/metrics') {
       allow('GET');
       const text = await this.registry.metrics();
@@ -1537,6 +1548,49 @@ export class HttpApi {
     counter('tether_handshakes_rejected_total', 'Links turned away before reaching a device, by reason (closedEarly: closed before its ID line)', ['reason'], () =>
       REJECTIONS.map((r) => [{ reason: r }, server.handshakes[r]]),
     );
+    counter('tether_stalls_total', 'Times a device was reported stalled: its receive buffer full and nothing read for stallAfter ms', [], () => [[{}, totals().stalls]]);
+    new prom.Gauge({
+      name: 'tether_devices_stalled',
+      help: 'Devices stalled now: nobody is reading their lines (their receive buffer is full)',
+      registers,
+      collect() {
+        let n = 0;
+        for (const c of server.connections()) if (c.stalled) n++;
+        this.set(n);
+      },
+    });
+    new prom.Gauge({
+      name: 'tether_device_rx_buffered',
+      help: 'Per device with lines waiting: received lines waiting for the app (kind=buffered, ACKed) and held un-ACKed behind them (kind=held)',
+      labelNames: ['id', 'kind'],
+      registers,
+      collect() {
+        this.reset();
+        for (const c of server.connections()) {
+          if (c.buffered > 0) this.set({ id: c.id, kind: 'buffered' }, c.buffered);
+          if (c.heldMessages > 0) this.set({ id: c.id, kind: 'held' }, c.heldMessages);
+        }
+      },
+    });
+    counter('tether_app_failures_total', 'App instance failures (throws, rejections, errors of their own tasks), by app', ['app'], () =>
+      [...(api.apps?.failures ?? new Map<string, number>())].map(([app, n]) => [{ app }, n]),
+    );
+    new prom.Gauge({
+      name: 'tether_app_instances',
+      help: 'App instances by state (running, restarting after a failure, finished, stopped)',
+      labelNames: ['state'],
+      registers,
+      collect() {
+        const n = api.apps?.counts();
+        if (n) for (const [state, v] of Object.entries(n)) this.set({ state }, v);
+      },
+    });
+    counter('tether_uncaught_errors_total', 'Errors that escaped outside any app instance (logged; the server carried on)', [], () => [[{}, uncaughtErrors()]]);
+  }
+
+  /** Used by `tether serve`: app failures and instance states go into /metrics. */
+  setApps(apps: AppRunner): void {
+    this.apps = apps;
   }
 
   // ---- WebSocket ------------------------------------------------------------------

@@ -7,6 +7,7 @@
 import test from 'ava';
 import * as path from 'node:path';
 import { Client } from '../src';
+import { launchChromium } from './helpers/browser';
 import { PipelinePeer } from './helpers/pipeline-peer';
 import { serve } from './helpers/serve';
 import { eventually } from './helpers/wait';
@@ -73,6 +74,11 @@ test('an app failure of any kind costs that app instance only: logged, counted, 
   t.like(detail.device.apps[0], { app: 'faulty-app', state: 'running', failures: kinds.length });
   t.regex(detail.device.apps[0].lastError, /SyntaxError|Error/);
   t.true(detail.device.stalled === false);
+  const metrics: string = await s.api('/metrics');
+  t.regex(metrics, new RegExp(`^tether_app_failures_total\\{app="faulty-app"\\} ${kinds.length}$`, 'm'));
+  t.regex(metrics, /^tether_app_instances\{state="running"\} 5$/m);
+  t.regex(metrics, /^tether_uncaught_errors_total 0$/m);
+  t.like(await s.api('/healthz'), { status: 'ok', devicesUp: 5 });
 });
 
 test('lines no app takes are accepted (ACKed) and shown: boards of the original client never hang', async (t) => {
@@ -107,6 +113,9 @@ test('a device whose app stopped reading is reported stalled (log, API), not lef
   t.is(detail.device.buffered, 8);
   t.true(detail.device.held >= 1);
   t.is(detail.device.counters.stalls, 1);
+  const metrics: string = await s.api('/metrics');
+  t.regex(metrics, /^tether_devices_stalled 1$/m);
+  t.regex(metrics, /^tether_device_rx_buffered\{id="sleepy",kind="buffered"\} 8$/m);
   t.true(s.alive());
 });
 
@@ -121,4 +130,33 @@ test('the example apps skip a line they cannot parse: "temperature=21.5" does no
   t.regex(s.output(), /skipped a line that is not JSON/);
   t.notRegex(s.output(), /app failed/);
   t.true(s.alive());
+});
+
+test('the dashboard shows a stalled device and a failing app in its row and its detail', async (t) => {
+  const s = await serve(t, {
+    apps: [{ script: FAULTY, clients: '*' }],
+    rxBuffer: 4,
+    stallAfter: 300,
+    appRestart: { initialDelay: 600_000, maxDelay: 600_000, resetAfter: 60_000 },
+  });
+  const sleepy = new Client({ id: 'sleepy', port: s.port });
+  const victim = new Client({ id: 'victim', port: s.port });
+  t.teardown(() => sleepy.close());
+  t.teardown(() => victim.close());
+  await Promise.all([sleepy.connect(), victim.connect()]);
+  await readUntil(sleepy, (l) => l === 'start 1');
+  await readUntil(victim, (l) => l === 'start 1');
+  await sleepy.write('hang');
+  for (let i = 0; i < 8; i++) sleepy.write(`reading ${i}`).catch(() => {});
+  await victim.write('throw');
+  const browser = await launchChromium();
+  t.teardown(() => browser.close());
+  const page = await browser.newPage({ viewport: { width: 1400, height: 900 } });
+  await page.goto(`http://127.0.0.1:${s.httpPort}/`);
+  await page.getByTestId('note-sleepy').filter({ hasText: 'stalled: nobody is reading' }).waitFor({ timeout: 20_000 });
+  await page.getByTestId('note-victim').filter({ hasText: 'app faulty-app failed, restarting' }).waitFor({ timeout: 20_000 });
+  t.is(await page.getByTestId('note-b-none').count(), 0);
+  await page.getByTestId('row-victim').click();
+  await page.getByText(/restarting, 1 failure, last: Error: the app threw on purpose/).waitFor({ timeout: 20_000 });
+  t.pass();
 });
