@@ -7,6 +7,7 @@ import test, { ExecutionContext } from 'ava';
 import { once } from 'node:events';
 import * as net from 'node:net';
 import { AppRunner, LoadedApp } from '../src/apps';
+import { resolveConfig } from '../src/config';
 import { Client } from '../src/client';
 import type { Connection } from '../src/connection';
 import { DeviceInfo, FANOUT_SLICE, Fleet, FleetBusyError, globMatcher } from '../src/fleet';
@@ -327,6 +328,11 @@ test('sends are bounded by bytes too (maxPendingBytes, counted per device); the 
   t.deepEqual(fleet.pendingSends, { sends: 0, bytes: 0 });
 
   t.throws(() => new Fleet(server, {}, { maxPendingSends: 0 }), { message: /option maxPendingSends must be an integer from 1/ });
+  // The same keys in the config file, with the same defaults.
+  t.like(resolveConfig({}), { maxPendingSends: 100_000, maxPendingBytes: 64 * 1024 * 1024 });
+  t.throws(() => resolveConfig({ maxPendingSends: 0, maxPendingBytes: '1 MB' }), {
+    message: /"maxPendingSends" must be an integer from 1 to 100000000, got 0; "maxPendingBytes" must be an integer from 1024/,
+  });
   t.throws(() => new Fleet(server, {}, { maxPendingBytes: 1.5 }), { message: /option maxPendingBytes must be an integer from 1024/ });
   await t.throwsAsync(fleet.sendAll('x', { timeout: -1 }), { message: /option timeout must be an integer from 1 to 2147483647/ });
   await t.throwsAsync(fleet.send('b0', 'x', { timeout: Infinity }), { message: /option timeout must be an integer/ });
