@@ -149,12 +149,14 @@ test('the dashboard shows a stalled device and a failing app in its row and its 
   await sleepy.write('hang');
   for (let i = 0; i < 8; i++) sleepy.write(`reading ${i}`).catch(() => {});
   await victim.write('throw');
+  await eventually(async () => (await s.api('/api/devices/sleepy')).device.stalled === true, 30_000, 'the server reports sleepy stalled');
+  await eventually(async () => (await s.api('/api/devices/victim')).device.apps[0]?.state === 'restarting', 30_000, "victim's app restarting");
   const browser = await launchChromium();
   t.teardown(() => browser.close());
   const page = await browser.newPage({ viewport: { width: 1400, height: 900 } });
   await page.goto(`http://127.0.0.1:${s.httpPort}/`);
-  await page.getByTestId('note-sleepy').filter({ hasText: 'stalled: nobody is reading' }).waitFor({ timeout: 20_000 });
-  await page.getByTestId('note-victim').filter({ hasText: 'app faulty-app failed, restarting' }).waitFor({ timeout: 20_000 });
+  await page.getByTestId('note-sleepy').filter({ hasText: 'stalled: nobody is reading' }).waitFor({ timeout: 30_000 });
+  await page.getByTestId('note-victim').filter({ hasText: 'app faulty-app failed, restarting' }).waitFor({ timeout: 30_000 });
   t.is(await page.getByTestId('note-b-none').count(), 0);
   await page.getByTestId('row-victim').click();
   await page.getByText(/restarting, 1 failure, last: Error: the app threw on purpose/).waitFor({ timeout: 20_000 });

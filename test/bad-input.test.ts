@@ -542,7 +542,9 @@ test.serial('connect/close 1,000 times: server stays up, no pending handshakes, 
   t.is(h.idTooLong + h.badId + h.unknownId + h.idTimeout, 0);
   t.true(h.closedEarly >= (2 * N) / 5, 'sockets sending nothing or a partial ID closed early');
   t.is(f.logged('link closed before its ID line').length, h.closedEarly, 'each early close logged');
-  t.is(f.logged('duplicate client ID: newcomer closed, the connected link stays').length, h.duplicateId);
+  // Logged, throttled (a peer could cause one per connect): at least once, at most once each.
+  const dupLogs = f.logged('duplicate client ID: newcomer closed, the connected link stays').length;
+  t.true(h.duplicateId === 0 || (dupLogs >= 1 && dupLogs <= h.duplicateId), `${dupLogs} records for ${h.duplicateId} duplicates`);
   t.is(loopConns().length, 7, 'one Connection per loop ID');
   t.is(f.server.pendingHandshakes, 0);
   // The server still takes a new client normally.
