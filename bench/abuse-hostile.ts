@@ -35,7 +35,17 @@ import * as net from 'node:net';
 import { prng } from '../src/util';
 
 export const KINDS = ['slowloris', 'bigline', 'binary', 'rapid', 'hijack'] as const;
-export type Kind = (typeof KINDS)[number];
+/**
+ * Kinds run only when named (`--kinds idcycle,stream`), one at a time, to measure
+ * what each costs the bystanders:
+ * - idcycle  127.0.7.x   a new made-up ID per connection, 64 lines of 60 KB that no
+ *                        app reads (the server's app leaves `cycle-*` alone), then gone
+ * - stream   127.0.8.x   connect as `stream-<slot>`: the server's app streams lines to
+ *                        it without qos as fast as it reads; it reads in bursts
+ */
+export const EXTRA_KINDS = ['idcycle', 'stream'] as const;
+export const ALL_KINDS = [...KINDS, ...EXTRA_KINDS] as const;
+export type Kind = (typeof ALL_KINDS)[number];
 
 /** Pacing of each kind (ms unless noted). Scaled by `pace` (delays are multiplied by it). */
 export interface Pacing {
@@ -135,7 +145,7 @@ const open = new Set<net.Socket>();
 const down = new Set<string>();
 const zeroKind = (): KindStats => ({ slots: 0, opened: 0, connectErrors: 0, closedByServer: 0, closedByUs: 0, bytesSent: 0, bytesReceived: 0, openAtStop: 0 });
 const stats: HostileStats = {
-  kinds: Object.fromEntries(KINDS.map((k) => [k, zeroKind()])) as Record<Kind, KindStats>,
+  kinds: Object.fromEntries(ALL_KINDS.map((k) => [k, zeroKind()])) as Record<Kind, KindStats>,
   hijack: { attempts: 0, whileDown: 0, withSecret: 0, plain: 0, bytesReceived: 0, received: '', stayedOpen: 0, addresses: 0 },
   iterations: 0,
   capped: 0,
@@ -313,10 +323,38 @@ async function hijack(job: HostileJob, slot: number, iter: number, rnd: () => nu
   clearTimeout(t);
 }
 
+async function idcycle(job: HostileJob, slot: number, iter: number): Promise<void> {
+  const addr = `127.0.7.${1 + (slot % 8)}`;
+  const c = dial(job, 'idcycle', addr, () => {});
+  c.socket.resume();
+  await new Promise<void>((r) => (c.connected ? r() : c.socket.once('connect', () => r()).once('close', () => r())));
+  const big = 'c'.repeat(60_000);
+  let out = `cycle-${slot}-${iter}\n`;
+  for (let n = 0; n < 64; n++) out += `${(n + 1).toString(16).padStart(2, '0')}${big}\n`;
+  if (alive(c)) void write('idcycle', c, out);
+  await pause(c, 1000); // what the server takes in a second; then gone
+  close(c);
+  await c.closed;
+}
+
+async function stream(job: HostileJob, slot: number): Promise<void> {
+  const addr = `127.0.8.${1 + (slot % 8)}`;
+  const c = dial(job, 'stream', addr, (c) => c.socket.write(`stream-${slot}\n`));
+  // Read in bursts: 200 ms reading, 300 ms not, so the server's stream has to wait for room.
+  const t = setInterval(() => {
+    c.socket.resume();
+    setTimeout(() => c.socket.pause(), 200);
+  }, 500);
+  for (let i = 0; alive(c) && i < 1000; i++) await pause(c, 1000);
+  clearInterval(t);
+  close(c);
+  await c.closed;
+}
+
 // ---- the slots ---------------------------------------------------------------------------
 
 async function slotLoop(job: HostileJob, kind: Kind, slot: number): Promise<void> {
-  const rnd = prng(job.seed * 1000 + KINDS.indexOf(kind) * 100_003 + slot);
+  const rnd = prng(job.seed * 1000 + ALL_KINDS.indexOf(kind) * 100_003 + slot);
   const chunk = kind === 'bigline' ? Buffer.alloc(job.pacing.bigChunk, 'A') : Buffer.alloc(0);
   // Spread the first connections of each kind over the first second.
   await sleep(Math.floor(rnd() * 1000));
@@ -328,6 +366,8 @@ async function slotLoop(job: HostileJob, kind: Kind, slot: number): Promise<void
       else if (kind === 'bigline') await bigline(job, slot, iter, chunk);
       else if (kind === 'binary') await binary(job, slot, iter, rnd);
       else if (kind === 'rapid') await rapid(job, slot, iter, rnd);
+      else if (kind === 'idcycle') await idcycle(job, slot, iter);
+      else if (kind === 'stream') await stream(job, slot);
       else await hijack(job, slot, iter, rnd);
     } catch {
       // a hostile loop does not care why its socket failed
@@ -381,6 +421,8 @@ function kindOf(s: net.Socket): Kind {
   if (a.startsWith('127.0.3.')) return 'bigline';
   if (a.startsWith('127.0.4.')) return 'binary';
   if (a.startsWith('127.0.5.')) return 'rapid';
+  if (a.startsWith('127.0.7.')) return 'idcycle';
+  if (a.startsWith('127.0.8.')) return 'stream';
   return 'hijack';
 }
 

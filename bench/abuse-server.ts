@@ -119,6 +119,16 @@ async function start(m: Start): Promise<void> {
   });
   // The app: echo every line back with qos, as bench/server.ts does.
   server.on('connection', (conn: Connection) => {
+    // Made-up IDs of the idcycle attack: nobody reads them (their lines wait within the buffer bounds).
+    if (conn.id.startsWith('cycle-')) return;
+    if (conn.id.startsWith('stream-')) {
+      // The qos-false streaming attack: the app writes as fast as the device lets it.
+      const pad = 's'.repeat(200);
+      void (async () => {
+        for (let n = 0; !conn.isClosed; n++) await conn.write(`${n} ${pad}`, { qos: false });
+      })().catch(() => {});
+      return;
+    }
     void (async () => {
       for await (const line of conn) {
         const p = conn.write(line);

@@ -35,7 +35,7 @@ import { parseArgs } from 'node:util';
 import { Client, generateSecret, hashSecret, silentLogger } from '../src';
 import type { Link, LimitHits, HandshakeStats } from '../src';
 import { TcpLink } from '../src/transports/tcp';
-import { DEFAULT_PACING, HostileJob, HostileStats, Kind, KINDS, Pacing } from './abuse-hostile';
+import { DEFAULT_PACING, HostileJob, HostileStats, Kind, KINDS, ALL_KINDS, Pacing } from './abuse-hostile';
 import { formatStorm, runBroadcastStorm } from './abuse-storm';
 
 /** `--kinds broadcast-storm`: the broadcast storm of bench/abuse-storm.ts (run by default after the socket attacks). */
@@ -652,7 +652,7 @@ export async function runAbuse(opts: AbuseOptions = {}): Promise<AbuseReport> {
 function emptyHostile(): HostileStats {
   const k = { slots: 0, opened: 0, connectErrors: 0, closedByServer: 0, closedByUs: 0, bytesSent: 0, bytesReceived: 0, openAtStop: 0 };
   return {
-    kinds: Object.fromEntries(KINDS.map((n) => [n, { ...k }])) as HostileStats['kinds'],
+    kinds: Object.fromEntries(ALL_KINDS.map((n) => [n, { ...k }])) as HostileStats['kinds'],
     hijack: { attempts: 0, whileDown: 0, withSecret: 0, plain: 0, bytesReceived: NaN, received: '', stayedOpen: 0, addresses: 0 },
     iterations: 0,
     capped: 0,

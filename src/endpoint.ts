@@ -11,7 +11,7 @@
 import { throttledWarn } from './limits';
 import { EventEmitter } from 'node:events';
 import { nanoid } from 'nanoid';
-import { abortedError, closedError, payloadError, TetherError, waitAbortedError } from './errors';
+import { abortedError, closedError, lineTooLongForLink, payloadError, TetherError, waitAbortedError } from './errors';
 import type { Link } from './link';
 import type { Logger } from './log';
 import { silentLogger } from './log';
@@ -101,6 +101,8 @@ export interface WriteOptions {
    * wait for room in the write queue: once accepted, a line is never abandoned.
    */
   accepted?: boolean;
+  /** With `accepted`: called once when the background delivery ends (null: the peer ACKed it; else why not, e.g. ERR_CLOSED). */
+  onSettled?: (error: Error | null) => void;
 }
 
 /** Takes a received line (with `\n`) and its message id; resolves when it is safe to ACK, or null to refuse it. */
@@ -214,6 +216,8 @@ export abstract class Endpoint extends EventEmitter {
   private readonly window: number;
 
   private link: Link | null = null;
+  /** The line limit of the last link, if it announced one below maxLineLength (kept while the link is down). */
+  private linkLimit: { max: number; remote: string } | null = null;
   private up = false;
   private settled = false;
   private gotData = false;
@@ -358,6 +362,10 @@ export abstract class Endpoint extends EventEmitter {
     const payload = normalizePayload(line);
     const problem = payloadProblem(payload, this.maxLineLength);
     if (problem) return Promise.reject(payloadError(problem, this.maxLineLength));
+    // A link that carries less than maxLineLength (a mesh node: one frame) says so; its limit stays while it is down.
+    if (this.linkLimit && payloadProblem(payload, this.linkLimit.max) === 'too-long') {
+      return Promise.reject(lineTooLongForLink(Buffer.byteLength(payload) + 2, this.linkLimit.max, this.linkLimit.remote));
+    }
     if (signal?.aborted) return Promise.reject(abortedError(signal.reason));
     // Not async on the common path: one promise per write, not a chain of them.
     if (this.waiting.length < this.maxQueuedWrites) return this.accept(payload, opts);
@@ -385,9 +393,14 @@ export abstract class Endpoint extends EventEmitter {
     // An accepted line is delivered whatever happens to the caller's signal afterwards.
     const delivery = this.deliver(payload, qos, wait, qos && opts.accepted ? undefined : signal, key);
     if (qos && opts.accepted) {
-      delivery.catch((e: unknown) => {
-        if (!(e instanceof TetherError && e.code === 'ERR_CLOSED')) throttledWarn(this.log, 'accepted write not delivered', { error: (e as Error).message });
-      });
+      const settled = opts.onSettled;
+      delivery.then(
+        () => settled?.(null),
+        (e: unknown) => {
+          if (!(e instanceof TetherError && e.code === 'ERR_CLOSED')) throttledWarn(this.log, 'accepted write not delivered', { error: (e as Error).message });
+          settled?.(e as Error);
+        },
+      );
       return Promise.resolve();
     }
     return delivery;
@@ -577,6 +590,7 @@ export abstract class Endpoint extends EventEmitter {
     }
     if (this.link) this.dropLink('replaced by a new link');
     this.link = link;
+    this.linkLimit = link.maxLineLength === undefined ? null : { max: link.maxLineLength, remote: link.remote };
     this.linkId = nanoid(8);
     this.linkViolated = false;
     this.splitter = new LineSplitter(this.maxLineLength);

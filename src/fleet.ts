@@ -369,14 +369,16 @@ export class Fleet extends EventEmitter {
       return Promise.resolve({ id, status: 'failed', error: err.message, code: err.code });
     }
     let written: Promise<void>;
+    // An accepted line is held until its delivery ends, not only until it is queued.
+    const onSettled = accepted ? release : undefined;
     try {
-      written = conn.write(line, { signal, accepted });
+      written = conn.write(line, { signal, accepted, onSettled });
     } catch (e) {
       written = Promise.reject(e);
     }
     return written.then(
       (): SendOutcome => {
-        release();
+        if (!accepted) release();
         return { id, status: accepted ? 'accepted' : 'delivered' };
       },
       (e: unknown): SendOutcome => {

@@ -280,11 +280,8 @@ test('maxFrame is validated and sets the line limit of the node links', (t) => {
   t.throws(() => new MeshTransport(server, { path: '/dev/null', maxFrame: 4096.5 }), { message: /"maxFrame" must be an integer/ });
 });
 
-// Known gap until the Endpoint applies the link's maxLineLength to write() (requested from the
-// owner of src/endpoint.ts): a Connection's own write() of an oversized line is not refused; the
-// transport keeps it off the serial line (stats.oversizedOut) but the write never completes.
-// When the hook lands this test passes: turn test.failing into test.
-test.failing('conn.write() itself refuses a line too long for a mesh frame, and the next write goes through', async (t) => {
+// The Endpoint applies the link's own line limit (one mesh frame) to write().
+test('conn.write() itself refuses a line too long for a mesh frame, and the next write goes through', async (t) => {
   const { server, mesh, emu } = await rig(t);
   const got: string[] = [];
   emu.addNode('long-2', recorder(got));
