@@ -342,6 +342,7 @@ async function stream(job: HostileJob, slot: number): Promise<void> {
   const c = dial(job, 'stream', addr, (c) => c.socket.write(`stream-${slot}\n`));
   // Read in bursts: 200 ms reading, 300 ms not, so the server's stream has to wait for room.
   const t = setInterval(() => {
+    if (!c.socket.destroyed) c.socket.write('\n'); // a keepalive, as a device sends: the link stays up
     c.socket.resume();
     setTimeout(() => c.socket.pause(), 200);
   }, 500);
