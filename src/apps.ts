@@ -52,31 +52,89 @@ export interface LoadedApp {
   type?: string;
 }
 
-/** Loads an app script (TypeScript or JavaScript). */
+/**
+ * Loads an app script. What it may look like (docs/porting.md, "App scripts"):
+ * - TypeScript or ESM-style CommonJS: `export default fn`, `exports.default = fn`,
+ *   optional `clients`, `type`, `device` exports;
+ * - plain CommonJS: `module.exports = fn` (with `module.exports.clients = [...]`
+ *   if wanted) or `module.exports = { default: fn, clients, device }`;
+ * - an ES module `.mjs` (or `.js` under `"type": "module"`), loaded with Node's
+ *   require(esm): everything but top-level await.
+ * `app` is accepted as another name for the server half.
+ */
 export function loadApp(file: string, clients?: string[] | '*', type?: string): LoadedApp {
   const abs = path.resolve(file);
-  let mod: Record<string, unknown>;
-  try {
-    mod = require(abs);
-  } catch (e) {
-    throw new TetherError('ERR_BAD_APP', `cannot load app ${file}: ${(e as Error).message}`);
-  }
-  const run = (mod.default ?? mod.app) as unknown;
+  const mod = requireApp(file, abs);
+  // module.exports = fn: the function is the app, and its properties are the other exports.
+  const exp = (typeof mod === 'function' ? Object.assign({ default: mod }, mod) : (mod ?? {})) as Record<string, unknown>;
+  const run = (exp.default ?? exp.app) as unknown;
   if (typeof run !== 'function') {
+    const has = Object.keys(exp).filter((k) => k !== '__esModule');
     throw new TetherError(
       'ERR_BAD_APP',
-      `app ${file} must export a default function (conn, ctx) => …, run once per client ID`,
+      `app ${file} exports no app function (it exports ${has.length ? has.join(', ') : 'nothing'}): ` +
+        'give it a default export, `export default async function (conn, ctx) { … }`, or in plain JavaScript ' +
+        '`module.exports = async function (conn, ctx) { … }`; it runs once per client ID',
     );
   }
-  const own = mod.clients as string[] | '*' | undefined;
+  const own = exp.clients as string[] | '*' | undefined;
+  if (own !== undefined && own !== '*' && !(Array.isArray(own) && own.every((id) => typeof id === 'string'))) {
+    throw new TetherError('ERR_BAD_APP', `app ${file}: its "clients" export must be a list of client IDs or "*", not ${JSON.stringify(own)}`);
+  }
   return {
-    name: path.basename(file).replace(/\.[jt]s$/, ''),
+    name: path.basename(file).replace(/\.[cm]?[jt]s$/, ''),
     file: abs,
     run: run as AppFn,
-    device: typeof mod.device === 'function' ? (mod.device as DeviceFn) : undefined,
+    device: typeof exp.device === 'function' ? (exp.device as DeviceFn) : undefined,
     clients: type !== undefined ? '*' : (clients ?? own ?? '*'),
-    type: type ?? (typeof mod.type === 'string' ? mod.type : undefined),
+    type: type ?? (typeof exp.type === 'string' ? exp.type : undefined),
   };
+}
+
+/** require() of an app script, with errors that say what to change instead of Node's require stack. */
+function requireApp(file: string, abs: string): unknown {
+  let resolved: string;
+  try {
+    resolved = require.resolve(abs);
+  } catch {
+    throw new TetherError('ERR_BAD_APP', `cannot find app script ${file} (resolved to ${abs}): check the path in apps[].script or --app`);
+  }
+  if (/\.[cm]?ts$/.test(resolved) && !require.extensions[path.extname(resolved)]) {
+    throw new TetherError(
+      'ERR_BAD_APP',
+      `app ${file} is TypeScript, and this tether runs without a TypeScript loader: write the app in JavaScript ` +
+        '(module.exports = async function (conn, ctx) { … }, see docs/porting.md), compile it with tsc, ' +
+        'or run tether from its source checkout (npx tether), which loads TypeScript',
+    );
+  }
+  try {
+    return require(resolved);
+  } catch (e) {
+    throw new TetherError('ERR_BAD_APP', `cannot load app ${file}: ${loadProblem(e as NodeJS.ErrnoException, resolved)}`);
+  }
+}
+
+function loadProblem(e: NodeJS.ErrnoException, resolved: string): string {
+  const first = String(e?.message ?? e).split('\n')[0]; // Node appends its require stack after the first line
+  const stack = String(e?.stack ?? '');
+  if (e?.code === 'MODULE_NOT_FOUND' || e?.code === 'ERR_MODULE_NOT_FOUND') {
+    const what = /Cannot find (?:module|package) '([^']+)'/.exec(first)?.[1];
+    if (!what) return `${first}: check what the app requires or imports`;
+    if (what.startsWith('.') || path.isAbsolute(what)) return `it requires ${what}, which does not exist: fix that path in the app`;
+    return `it needs the package ${what}, which is not installed: run \`npm install ${what}\` in the app's folder (or a folder above it)`;
+  }
+  if (e?.code === 'ERR_REQUIRE_ASYNC_MODULE') {
+    return 'it uses top-level await, which tether cannot load: move the awaits into the app function (or a function it calls)';
+  }
+  if (e instanceof SyntaxError && /import statement outside a module|Unexpected token 'export'/.test(first)) {
+    return 'it is an ES module (import/export) in a file Node reads as CommonJS: rename it to .mjs, or use require() and module.exports = … instead';
+  }
+  // Where in the app it went wrong: a SyntaxError's stack starts with "file:line"; an exception names a frame in the file.
+  const esc = resolved.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
+  const at = new RegExp(`${esc}:(\\d+)(?::(\\d+))?`).exec(stack);
+  const where = at ? `${path.basename(resolved)}:${at[1]}${at[2] ? `:${at[2]}` : ''}` : path.basename(resolved);
+  if (e instanceof SyntaxError) return `${e.name}: ${first} (${where}; \`node --check ${resolved}\` shows the line): fix the app's syntax`;
+  return `it threw while loading (${where}): ${first}: code at the top level of an app runs once at start, so move work that can fail into the app function`;
 }
 
 /**
