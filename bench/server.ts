@@ -4,6 +4,7 @@
  * protocol state, the machine's ceiling for the same traffic. Reports its own
  * CPU and memory to the parent over IPC.
  */
+import { AsyncLocalStorage } from 'node:async_hooks';
 import * as net from 'node:net';
 import { monitorEventLoopDelay } from 'node:perf_hooks';
 import { Connection, Server, silentLogger } from '../src';
@@ -21,8 +22,12 @@ function send(m: object): void {
 
 async function tether(): Promise<() => object> {
   const server = await Server.listen({ host: '127.0.0.1', port: 0, timeout, logger: silentLogger, maxConnections: 100_000, maxConnectionsPerAddress: 100_000 }); // every benchmark client comes from 127.0.0.1
+  // BENCH_ALS=1: run each app instance inside an AsyncLocalStorage context, as `tether serve`'s
+  // AppRunner does (to measure what tracing app errors costs the message path).
+  const als = process.env.BENCH_ALS === '1' ? new AsyncLocalStorage<string>() : null;
   server.on('connection', (conn: Connection) => {
-    void (async () => {
+    const run = (f: () => void) => (als ? als.run(conn.id, f) : f());
+    run(() => void (async () => {
       for await (const line of conn) {
         if (echo === 'readme') {
           await conn.write(line, { qos: true, wait: false }).catch(() => {});
@@ -32,7 +37,7 @@ async function tether(): Promise<() => object> {
         p.catch(() => {});
         if (conn.queuedWrites >= 32) await p.catch(() => {});
       }
-    })();
+    })());
   });
   send({ type: 'ready', port: server.port });
   return () => {

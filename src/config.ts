@@ -260,7 +260,7 @@ const CHECKS: Record<string, Check> = {
   window: int(1, 100),
   idLineTypes: (v) => (typeof v === 'boolean' ? null : 'true or false'),
   appRestart: (v) =>
-    v === null ? 'an object' : section({ initialDelay: int(0, 86_400_000), maxDelay: int(0, 86_400_000), resetAfter: int(0, 86_400_000) }, '{ "initialDelay": 1000, "maxDelay": 60000, "resetAfter": 60000 }')(v),
+    v === null ? 'an object' : section({ initialDelay: int(0, 86_400_000), maxDelay: int(0, 86_400_000), resetAfter: int(0, 86_400_000), trace: (x) => (typeof x === 'boolean' ? null : 'true or false') }, '{ "initialDelay": 1000, "maxDelay": 60000, "resetAfter": 60000, "trace": true }')(v),
   maxConnections: int(1, 10_000_000),
   maxConnectionsPerAddress: int(1, 10_000_000),
   maxSendBuffer: int(1024, 1 << 30),
