@@ -20,6 +20,7 @@ import type { Logger } from './log';
 import { throttledWarn } from './limits';
 import type { Server } from './server';
 import { preview } from './util';
+import { typeScriptTarget } from './runtime';
 
 export interface AppContext {
   /** The client ID this instance serves. */
@@ -99,16 +100,27 @@ function requireApp(file: string, abs: string): unknown {
   } catch {
     throw new TetherError('ERR_BAD_APP', `cannot find app script ${file} (resolved to ${abs}): check the path in apps[].script or --app`);
   }
-  if (/\.[cm]?ts$/.test(resolved) && !require.extensions[path.extname(resolved)]) {
-    throw new TetherError(
-      'ERR_BAD_APP',
-      `app ${file} is TypeScript, and this tether runs without a TypeScript loader: write the app in JavaScript ` +
-        '(module.exports = async function (conn, ctx) { … }, see docs/porting.md), compile it with tsc, ' +
-        'or run tether from its source checkout (npx tether), which loads TypeScript',
-    );
+  let target = resolved;
+  if (/\.[cm]?ts$/.test(resolved)) {
+    // Compiled tether: its own examples load compiled, other TypeScript through ts-node if installed (src/runtime.ts).
+    let loadable: string | undefined;
+    try {
+      loadable = typeScriptTarget(resolved);
+    } catch (e) {
+      throw new TetherError('ERR_BAD_APP', `cannot load app ${file}: ${(e as Error).message}`);
+    }
+    if (loadable === undefined) {
+      throw new TetherError(
+        'ERR_BAD_APP',
+        `app ${file} is TypeScript, and this tether runs without a TypeScript loader: write the app in JavaScript ` +
+          '(module.exports = async function (conn, ctx) { … }, see docs/porting.md), compile it with tsc and give tether ' +
+          `the .js file, or install ts-node and TypeScript 5 for it (cd ${path.dirname(resolved)} && npm install --save-dev ts-node typescript@5)`,
+      );
+    }
+    target = loadable;
   }
   try {
-    return require(resolved);
+    return require(target);
   } catch (e) {
     throw new TetherError('ERR_BAD_APP', `cannot load app ${file}: ${loadProblem(e as NodeJS.ErrnoException, resolved)}`);
   }
