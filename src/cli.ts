@@ -20,8 +20,10 @@ import { spawnSync } from 'node:child_process';
 import { sleep } from './util';
 import { ChaosProxy, FAULT_KINDS, FaultKind } from './chaos';
 import { MqttBridge } from './bridge';
+import { packageVersion } from './runtime';
 
 const USAGE = `usage: tether <command> [options]
+       tether --version   prints the version
 
 commands:
   serve   run the server with the configured apps
@@ -530,6 +532,10 @@ function secretCommand(args: string[]): number {
 
 export async function main(argv: string[]): Promise<number> {
   const [cmd, ...rest] = argv;
+  if (cmd === '--version' || cmd === '-v' || cmd === 'version') {
+    process.stdout.write(`${packageVersion()}\n`);
+    return 0;
+  }
   if (cmd === 'secret') {
     try {
       return secretCommand(rest);
