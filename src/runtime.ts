@@ -64,7 +64,10 @@ function registerTsNode(file: string): boolean {
     return false;
   }
   try {
-    (require(tsNode) as typeof import('ts-node')).register({ transpileOnly: true, projectSearchDir: dir });
+    // With a tsconfig.json of the app's own, its settings rule; without one, ts-node's defaults
+    // (module NodeNext without the matching moduleResolution) fail on TypeScript 5.9: CommonJS it is.
+    const compilerOptions = hasTsconfig(dir) ? undefined : { module: 'commonjs' };
+    (require(tsNode) as typeof import('ts-node')).register({ transpileOnly: true, projectSearchDir: dir, compilerOptions });
   } catch (e) {
     throw new Error(
       `it is TypeScript, and ts-node (${path.dirname(tsNode)}) could not start: ${String((e as Error).message).split('\n')[0]}. ` +
@@ -73,4 +76,12 @@ function registerTsNode(file: string): boolean {
     );
   }
   return true;
+}
+
+/** A tsconfig.json in `dir` or a folder above it (where ts-node looks). */
+function hasTsconfig(dir: string): boolean {
+  for (let d = dir; ; d = path.dirname(d)) {
+    if (fs.existsSync(path.join(d, 'tsconfig.json'))) return true;
+    if (path.dirname(d) === d) return false;
+  }
 }
