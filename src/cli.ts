@@ -1,5 +1,5 @@
 /**
- * The `tether` command: serve, sim, demo, emulate. Thin: everything it does is a few calls
+ * The `tether` command: serve, sim, demo, init, service, emulate, chaos, secret. Thin: everything it does is a few calls
  * into the library.
  */
 import * as fs from 'node:fs';
@@ -7,7 +7,6 @@ import * as path from 'node:path';
 import { parseArgs } from 'node:util';
 import { AppRunner, DeviceFn, LoadedApp, loadApp } from './apps';
 import { generateSecret, hashSecret } from './auth';
-import { Client } from './client';
 import { HTTP_CONFIG_DEFAULTS, loadConfig, resolveConfig, TetherConfig } from './config';
 import { HttpApi } from './http';
 import { createLogger, Logger } from './log';
@@ -20,6 +19,9 @@ import { spawnSync } from 'node:child_process';
 import { sleep } from './util';
 import { ChaosProxy, FAULT_KINDS, FaultKind } from './chaos';
 import { MqttBridge } from './bridge';
+import { DemoOutages, demoLogging, fleetStatus, SimFleet, summary } from './demo';
+import { CONFIG_FILE, initFleet, lanAddresses, nextSteps } from './init';
+import { serviceUnit, UNIT_DEFAULTS } from './service';
 import { packageVersion } from './runtime';
 
 const USAGE = `usage: tether <command> [options]
@@ -27,6 +29,8 @@ const USAGE = `usage: tether <command> [options]
 
 commands:
   serve   run the server with the configured apps
+  init    tether init [DIR]: write a starter config for your fleet (DIR/tether.json) and DIR/apps/
+  service print a systemd unit that runs tether serve at boot (docs/raspberry-pi.md)
   sim     run simulated devices against a server
   demo    server + example apps + simulated fleet in one process
   emulate play the root node of an ESP mesh on a serial port, with simulated nodes
@@ -36,8 +40,9 @@ commands:
           --scrypt: a slow hash, for secrets people chose)
 
 options (all commands):
-  --config FILE      config file (default: ./local.json if present, else built-in defaults)
-  --port N           override the config's port
+  --config FILE      config file (default: ./tether.json if present, else built-in defaults;
+                     tether demo: the demo's own, examples/demo.json)
+  --port N           override the config's port (0 = any free port, logged)
   --log-level LEVEL  debug | info | warn | error | silent
   --log-format F     pretty | json
 serve / demo:
@@ -47,7 +52,16 @@ serve / demo:
   --http-port N      port of the HTTP API and dashboard (default: the config's "http", else 8124 on
                      127.0.0.1; 0 = any free port; the URL is logged)
 demo:
-  --outage-every S   cut one simulated device's link every S seconds (default 15, 0 = never)
+  --outage-every S   every S seconds one simulated device loses its WiFi just as a message to it
+                     is on its way (default 15, 0 = never)
+  --verbose          also print every app's and every simulated device's lines (default: the
+                     server's view only)
+init:
+  DIR                folder to write tether.json and apps/ into (default: the current folder)
+  --force            replace an existing DIR/tether.json (apps/ is never overwritten)
+service:
+  --dir DIR          folder of tether.json, apps/ and the journal (default /var/lib/tether)
+  --user NAME        system user to run as (default tether)
 sim:
   --server ADDR      server address (overrides the config's server)
   --clients N        simulate N devices sim-1..sim-N (default: the config's clients)
@@ -117,17 +131,55 @@ interface Opts {
   'delay-ms'?: string;
   'delay-for-ms'?: string;
   'split-ms'?: string;
+  verbose?: boolean;
+  force?: boolean;
+  dir?: string;
+  user?: string;
   help?: boolean;
 }
 
-function readConfig(o: Opts): TetherConfig {
-  const file = o.config ?? (fs.existsSync('local.json') ? 'local.json' : undefined);
+const LOG_LEVELS = ['debug', 'info', 'warn', 'error', 'silent'];
+const LOG_FORMATS = ['pretty', 'json'];
+const isPort = (n: number) => Number.isInteger(n) && n >= 0 && n <= 65535;
+
+/**
+ * Where a command's config comes from: --config FILE; for `tether demo` the demo's own
+ * (examples/demo.json); else ./tether.json if there is one; else none (built-in defaults).
+ */
+function configFile(o: Opts, cmd: string): string | undefined {
+  if (o.config !== undefined) return o.config;
+  if (cmd === 'demo') return demoConfigFile();
+  return fs.existsSync(CONFIG_FILE) ? CONFIG_FILE : undefined;
+}
+
+/** examples/demo.json beside the example apps this code runs with (source checkout or build), else the package's. */
+function demoConfigFile(): string {
+  const candidates = [path.join(__dirname, '..', 'examples', 'demo.json'), path.join(__dirname, '..', '..', 'examples', 'demo.json')];
+  const found = candidates.find((f) => fs.existsSync(f));
+  if (!found) throw new Error(`the demo's config is missing (looked for ${candidates.join(' and ')}): reinstall tether, or pass --config FILE with "apps"`);
+  return found;
+}
+
+function readConfig(o: Opts, cmd = 'serve'): TetherConfig {
+  // Flags first, each blamed on itself: a bad --port is not the config file's fault.
+  const port = numOpt(o, 'port', 'a port number (0-65535; 0 = any free port)', isPort);
+  const httpPort = numOpt(o, 'http-port', 'a port number (0-65535; 0 = any free port)', isPort);
+  for (const name of ['host', 'server'] as const) {
+    const v = o[name];
+    if (v !== undefined && (v.trim() === '' || /\s/.test(v))) throw new Error(`--${name} must be an address like 0.0.0.0, 127.0.0.1 or a host name, got ${JSON.stringify(v)}`);
+  }
+  if (o['log-level'] !== undefined && !LOG_LEVELS.includes(o['log-level'])) {
+    throw new Error(`--log-level must be one of ${LOG_LEVELS.join(', ')}, got ${JSON.stringify(o['log-level'])}`);
+  }
+  if (o['log-format'] !== undefined && !LOG_FORMATS.includes(o['log-format'])) {
+    throw new Error(`--log-format must be one of ${LOG_FORMATS.join(', ')}, got ${JSON.stringify(o['log-format'])}`);
+  }
+  const file = configFile(o, cmd);
   const cfg = file ? loadConfig(file) : resolveConfig({});
   const over: Record<string, unknown> = {};
-  if (o.port !== undefined) over.port = Number(o.port);
+  if (port !== undefined) over.port = port;
   if (o.host !== undefined) over.host = o.host;
   if (o.server !== undefined) over.server = o.server;
-  const httpPort = numOpt(o, 'http-port', 'a port number (0-65535; 0 = any free port)', (n) => Number.isInteger(n) && n >= 0 && n <= 65535);
   // The command line wins over the config, even over "http": null.
   if (httpPort !== undefined) over.http = { ...(cfg.http ?? HTTP_CONFIG_DEFAULTS), port: httpPort };
   const log = { ...cfg.log };
@@ -135,6 +187,15 @@ function readConfig(o: Opts): TetherConfig {
   if (o['log-format']) log.format = o['log-format'] as typeof log.format;
   const { baseDir, ...rest } = cfg;
   return resolveConfig({ ...rest, ...over, log }, file ?? 'command line', baseDir);
+}
+
+/** A ./local.json next to no ./tether.json was the config before tether.json: say it is not read. */
+function warnStaleLocalJson(o: Opts, log: Logger): void {
+  if (o.config === undefined && !fs.existsSync(CONFIG_FILE) && fs.existsSync('local.json')) {
+    log.warn('./local.json is not read by default: the config file tether serve looks for is ./tether.json', {
+      hint: 'rename it to tether.json, or pass --config local.json; running with the built-in defaults meanwhile',
+    });
+  }
 }
 
 function makeLogger(cfg: TetherConfig): Logger {
@@ -176,6 +237,73 @@ function untilStopped(duration: number | undefined, log: Logger): Promise<void> 
   });
 }
 
+/** How long a shutdown may take before the process exits anyway (deploy/tether.service allows 15 s). */
+export const SHUTDOWN_LIMIT_MS = 5000;
+
+/**
+ * Bounds the shutdown that follows a stop: past SHUTDOWN_LIMIT_MS, or at another
+ * SIGINT/SIGTERM, the process exits with code 1. A signal within a second of the
+ * first is the same Ctrl-C delivered twice (npm forwards it to its child, which the
+ * terminal already signalled) and is ignored.
+ */
+function shutdownGuard(log: Logger): { done(): void } {
+  const since = Date.now();
+  const force = (why: string) => {
+    log.error(`${why}: exiting before the shutdown finished`, {
+      hint: 'journaled messages are safe (every record is written as it happens); an app that ignores ctx.signal can hold a shutdown up',
+    });
+    process.exit(1);
+  };
+  const timer = setTimeout(() => force(`the shutdown took longer than ${SHUTDOWN_LIMIT_MS / 1000} s`), SHUTDOWN_LIMIT_MS);
+  timer.unref();
+  const again = (sig: string) => {
+    if (Date.now() - since >= 1000) force(`a second ${sig}`);
+  };
+  const onInt = () => again('SIGINT');
+  const onTerm = () => again('SIGTERM');
+  process.on('SIGINT', onInt);
+  process.on('SIGTERM', onTerm);
+  return {
+    done() {
+      clearTimeout(timer);
+      process.off('SIGINT', onInt);
+      process.off('SIGTERM', onTerm);
+    },
+  };
+}
+
+const isWildcard = (host: string) => host === '0.0.0.0' || host === '::';
+const isLoopback = (host: string) => host === 'localhost' || host === '::1' || host.startsWith('127.');
+
+/**
+ * Where boards and browsers reach this server. On 0.0.0.0 the server has no one
+ * address of its own: the machine's LAN addresses are what to give the boards.
+ */
+function announce(cfg: TetherConfig, server: Server, api: HttpApi | null, log: Logger): void {
+  const lan = isWildcard(cfg.host) || (api && isWildcard(cfg.http?.host ?? '')) ? lanAddresses() : [];
+  if (isWildcard(cfg.host)) {
+    if (lan.length > 0) {
+      log.info(`boards connect to ${lan.map((a) => `${a.address}:${server.port}`).join(', ')}`, { interfaces: lan.map((a) => a.iface).join(',') });
+    } else {
+      log.warn('listening on every interface, but this machine has no LAN address now: boards cannot reach it until it has one', {
+        hint: 'check the network connection (ip addr)',
+      });
+    }
+  }
+  if (!api || !cfg.http) return;
+  const fields: Record<string, unknown> = { api: `${api.url}api/devices`, metrics: `${api.url}metrics` };
+  if (isWildcard(cfg.http.host) && lan.length > 0) {
+    fields.lan = lan.map((a) => `${cfg.http!.tls ? 'https' : 'http'}://${a.address}:${api.port}/`).join(' ');
+  }
+  log.info(`dashboard: ${api.url}`, fields);
+  if (isWildcard(cfg.host) && isLoopback(cfg.http.host)) {
+    const at = lan[0]?.address ?? 'THIS-MACHINE';
+    log.info(`the dashboard is on this machine only (http.host ${cfg.http.host})`, {
+      hint: `from another computer: ssh -L ${api.port}:127.0.0.1:${api.port} USER@${at}, then open http://127.0.0.1:${api.port}/; or set http.host to "0.0.0.0" together with http.token`,
+    });
+  }
+}
+
 /** A device that says hello every few seconds and logs what it receives. */
 const chatter: DeviceFn = async (client, ctx) => {
   const reader = (async () => {
@@ -187,46 +315,6 @@ const chatter: DeviceFn = async (client, ctx) => {
   }
   await reader;
 };
-
-/** Simulated devices (Node Clients) running device halves of app scripts. */
-class SimFleet {
-  readonly devices = new Map<string, Client>();
-  private readonly stop = new AbortController();
-  private readonly tasks: Promise<unknown>[] = [];
-
-  constructor(
-    private readonly cfg: TetherConfig,
-    private readonly log: Logger,
-  ) {}
-
-  start(id: string, fn: DeviceFn): void {
-    if (this.devices.has(id)) return;
-    const client = new Client({
-      id,
-      host: this.cfg.server,
-      port: this.cfg.port,
-      timeout: this.cfg.timeout,
-      maxLineLength: this.cfg.maxLineLength,
-      logger: this.log,
-    });
-    this.devices.set(id, client);
-    const ctx = { id, log: this.log.child({ device: id }), signal: this.stop.signal };
-    this.tasks.push(
-      (async () => {
-        await client.connect();
-        await fn(client, ctx);
-      })().catch((e) => {
-        if (!this.stop.signal.aborted) ctx.log.error('simulated device failed', { error: (e as Error).stack });
-      }),
-    );
-  }
-
-  async close(): Promise<void> {
-    this.stop.abort();
-    for (const c of this.devices.values()) c.close();
-    await Promise.allSettled(this.tasks);
-  }
-}
 
 interface DemoMesh {
   emu: import('./emulator').MeshRootEmulator;
@@ -266,23 +354,21 @@ async function startDemoMesh(server: Server, cfg: TetherConfig, log: Logger): Pr
   };
 }
 
-function summary(server: Server): string {
-  const rows = server.connections().map((c) => {
-    const k = c.counters;
-    return [c.id, c.state, k.connects, k.outages, k.messagesIn, k.messagesOut, k.retransmits, k.duplicatesDropped];
-  });
-  const head = ['client', 'state', 'connects', 'outages', 'in', 'out', 'retransmits', 'dupes dropped'];
-  const all = [head, ...rows].map((r) => r.map(String));
-  const w = head.map((_, i) => Math.max(...all.map((r) => r[i].length)));
-  return all.map((r) => r.map((c, i) => c.padEnd(w[i])).join('  ')).join('\n');
-}
-
 async function serve(o: Opts, withFleet: boolean): Promise<void> {
-  const cfg = readConfig(o);
-  const log = makeLogger(cfg);
+  const cfg = readConfig(o, withFleet ? 'demo' : 'serve');
+  const duration = numOpt(o, 'duration', 'a number of seconds > 0', (n) => n > 0);
+  const every = numOpt(o, 'outage-every', 'a number of seconds (0 = never)', (n) => n >= 0) ?? 15;
+  if (!withFleet && (o['outage-every'] !== undefined || o.verbose)) {
+    throw new Error(`--${o.verbose ? 'verbose' : 'outage-every'} goes with tether demo; tether serve logs what the config's "log" section says`);
+  }
+  const demoLog = withFleet ? demoLogging({ level: cfg.log.level, format: cfg.log.format, verbose: !!o.verbose }) : null;
+  const log = demoLog?.log ?? makeLogger(cfg);
+  if (!withFleet) warnStaleLocalJson(o, log);
+  // Listening for the stop from the start: a Ctrl-C or SIGTERM during start-up still shuts down in order.
+  const stopped = untilStopped(duration, log);
   const apps = appsFrom(cfg, o);
   if (withFleet && apps.length === 0) {
-    throw new Error('the demo needs apps: add "apps" to the config (see local.json in the repository) or pass --app');
+    throw new Error('the demo needs apps: add "apps" to the config (see examples/demo.json) or pass --app');
   }
   const server = await Server.listen(serverOptions(cfg, log));
   let mesh: MeshTransport | null = null;
@@ -327,10 +413,11 @@ async function serve(o: Opts, withFleet: boolean): Promise<void> {
   bridge?.start().catch((e) => log.error('MQTT bridge failed to start', { error: (e as Error).message }));
 
   let sims: SimFleet | null = null;
-  let cutter: NodeJS.Timeout | undefined;
+  let outages: DemoOutages | null = null;
+  let status: NodeJS.Timeout | undefined;
   let demoMesh: DemoMesh | null = null;
   if (withFleet) {
-    sims = new SimFleet({ ...cfg, port: server.port }, log.child({ side: 'device' }));
+    sims = new SimFleet({ host: cfg.server, port: server.port, timeout: cfg.timeout, maxLineLength: cfg.maxLineLength, radios: true }, demoLog!.devices);
     const wantsMesh = apps.some((a) => a.clients !== '*' && a.clients.some((id) => id.startsWith('mesh-')));
     if (wantsMesh) demoMesh = await startDemoMesh(server, cfg, log);
     for (const app of apps) {
@@ -340,25 +427,25 @@ async function serve(o: Opts, withFleet: boolean): Promise<void> {
         else sims.start(id, app.device ?? chatter);
       }
     }
-    const every = Number(o['outage-every'] ?? 15);
-    if (every > 0) {
-      const f = sims;
-      cutter = setInterval(() => {
-        const ids = [...f.devices.keys()];
-        const id = ids[Math.floor(Math.random() * ids.length)];
-        log.info('demo: cutting a device link to show an outage healing', { device: id });
-        f.devices.get(id)?.disconnect('demo: simulated WiFi loss');
-      }, every * 1000);
-    }
-    log.info('demo running: apps and simulated devices exchange messages; Ctrl-C to stop', {
-      devices: sims.devices.size,
+    outages = new DemoOutages(server, sims, log, cfg.timeout);
+    outages.start(every * 1000);
+    status = setInterval(() => log.info(fleetStatus(server)), 15_000);
+    log.info(`demo running: apps and simulated devices exchange messages; Ctrl-C to stop${o.verbose ? '' : ' (--verbose shows every line of the apps and devices)'}`, {
+      devices: sims.devices.size + (demoMesh ? demoMesh.emu.nodes().length : 0),
       port: server.port,
+      outageEvery: every > 0 ? `${every} s` : 'never',
     });
   }
-  if (api) log.info(`dashboard: ${api.url}`, { api: `${api.url}api/devices`, metrics: `${api.url}metrics` });
-  await untilStopped(o.duration ? Number(o.duration) : undefined, log);
-  clearInterval(cutter);
-  const table = summary(server); // before shutdown, which would show as outages
+  announce(cfg, server, api, log);
+  await stopped;
+  // Shutdown: stop taking links, stop the apps, close the links and the journal; bounded.
+  const guard = shutdownGuard(log);
+  demoLog?.stopping();
+  server.stopAccepting();
+  clearInterval(status);
+  const table = summary(server); // the state when the stop came; the shutdown below closes every link
+  if (withFleet) log.info(fleetStatus(server));
+  await outages?.close();
   await api?.close();
   await bridge?.close();
   await sims?.close();
@@ -367,22 +454,25 @@ async function serve(o: Opts, withFleet: boolean): Promise<void> {
   await mesh?.close();
   await server.close();
   await appsDone;
-  process.stdout.write('\n' + table + '\n');
+  guard.done();
+  process.stdout.write(`\nclients when the stop came (the shutdown then closed their links):\n${table}\n`);
 }
 
 async function sim(o: Opts): Promise<void> {
-  const cfg = readConfig(o);
+  const cfg = readConfig(o, 'sim');
   const log = makeLogger(cfg);
+  const count = numOpt(o, 'clients', 'a whole number of devices (1-100000)', (n) => Number.isInteger(n) && n >= 1 && n <= 100_000);
+  const duration = numOpt(o, 'duration', 'a number of seconds > 0', (n) => n > 0);
   let ids: string[];
   if (o.ids) ids = o.ids.split(',').filter(Boolean);
-  else if (o.clients) ids = Array.from({ length: Number(o.clients) }, (_, i) => `sim-${i + 1}`);
+  else if (count !== undefined) ids = Array.from({ length: count }, (_, i) => `sim-${i + 1}`);
   else ids = cfg.clients;
   if (ids.length === 0) throw new Error('no devices to simulate: pass --clients N or --ids a,b or list "clients" in the config');
   const fn = o.app?.[0] ? (loadApp(o.app[0]).device ?? chatter) : chatter;
-  const sims = new SimFleet(cfg, log);
+  const sims = new SimFleet({ host: cfg.server, port: cfg.port, timeout: cfg.timeout, maxLineLength: cfg.maxLineLength }, log);
   for (const id of ids) sims.start(id, fn);
   log.info('simulating devices', { devices: ids.length, server: `${cfg.server}:${cfg.port}` });
-  await untilStopped(o.duration ? Number(o.duration) : undefined, log);
+  await untilStopped(duration, log);
   await sims.close();
 }
 
@@ -509,6 +599,31 @@ async function chaos(o: Opts): Promise<void> {
   );
 }
 
+/** `tether init [DIR]`: the starter config and apps/ folder, then what to do next. */
+function initCommand(dir: string, o: Opts): number {
+  const r = initFleet(dir, !!o.force);
+  process.stdout.write(nextSteps(r, dir));
+  return 0;
+}
+
+/** `tether service`: the systemd unit for this installation (node and tether as found now), on stdout. */
+function serviceCommand(o: Opts): number {
+  const script = process.argv[1] ? fs.realpathSync(process.argv[1]) : undefined;
+  const exec = script ? [process.execPath, script] : UNIT_DEFAULTS.exec;
+  const dir = o.dir ?? UNIT_DEFAULTS.dir;
+  if (!path.isAbsolute(dir)) throw new Error(`--dir must be an absolute path (systemd needs one), got ${JSON.stringify(dir)}`);
+  if (o.user !== undefined && !/^[a-z_][a-z0-9_-]*\$?$/i.test(o.user)) throw new Error(`--user must be a user name like tether, got ${JSON.stringify(o.user)}`);
+  process.stdout.write(serviceUnit({ dir, user: o.user, exec }));
+  if (exec.some((p) => /^\/(home|root)\//.test(p))) {
+    process.stderr.write(
+      `tether service: node or tether lives in a home folder (${exec.join(' ')}), as with nvm: the service user ` +
+        `(${o.user ?? UNIT_DEFAULTS.user}) must be able to read it. Install Node from NodeSource and tether with npm install -g for a service, ` +
+        'or pass --user with your own user name (docs/raspberry-pi.md)\n',
+    );
+  }
+  return 0;
+}
+
 /** `tether secret ID`: prints the ID line for the device and the entry for auth.devices. */
 function secretCommand(args: string[]): number {
   const { values, positionals } = parseArgs({
@@ -545,9 +660,11 @@ export async function main(argv: string[]): Promise<number> {
     }
   }
   let o: Opts;
+  let positionals: string[];
   try {
-    o = parseArgs({
+    ({ values: o, positionals } = parseArgs({
       args: rest,
+      allowPositionals: true,
       options: {
         config: { type: 'string' },
         port: { type: 'string' },
@@ -582,9 +699,13 @@ export async function main(argv: string[]): Promise<number> {
         'delay-ms': { type: 'string' },
         'delay-for-ms': { type: 'string' },
         'split-ms': { type: 'string' },
+        verbose: { type: 'boolean' },
+        force: { type: 'boolean' },
+        dir: { type: 'string' },
+        user: { type: 'string' },
         help: { type: 'boolean', short: 'h' },
       },
-    }).values as Opts;
+    }) as { values: Opts; positionals: string[] });
   } catch (e) {
     process.stderr.write(`tether: ${(e as Error).message}\n\n${USAGE}`);
     return 2;
@@ -593,7 +714,14 @@ export async function main(argv: string[]): Promise<number> {
     process.stdout.write(USAGE);
     return cmd ? 0 : 2;
   }
+  if (positionals.length > (cmd === 'init' ? 1 : 0)) {
+    const what = cmd === 'init' ? 'one folder' : 'no arguments besides its options';
+    process.stderr.write(`tether ${cmd}: takes ${what}, got ${positionals.map((a) => JSON.stringify(a)).join(' ')}\n\n${USAGE}`);
+    return 2;
+  }
   try {
+    if (cmd === 'init') return initCommand(positionals[0] ?? '.', o);
+    if (cmd === 'service') return serviceCommand(o);
     if (cmd === 'serve') await serve(o, false);
     else if (cmd === 'demo') await serve(o, true);
     else if (cmd === 'sim') await sim(o);

@@ -378,11 +378,12 @@ export function resolveConfig(raw: unknown, where = 'config', baseDir = process.
     stallAfter: merged.stallAfter ?? merged.timeout,
     appRestart: { ...APP_RESTART_DEFAULTS, ...(obj.appRestart as object) },
     mqtt: merged.mqtt && resolveMqtt(merged.mqtt, baseDir),
+    // `ca` stays absent when not given: an "ca": undefined key would not pass the check again.
     tls: merged.tls && {
       ...merged.tls,
       key: path.resolve(baseDir, merged.tls.key),
       cert: path.resolve(baseDir, merged.tls.cert),
-      ca: merged.tls.ca === undefined ? undefined : path.resolve(baseDir, merged.tls.ca),
+      ...(merged.tls.ca === undefined ? {} : { ca: path.resolve(baseDir, merged.tls.ca) }),
     },
     baseDir,
   };

@@ -62,6 +62,7 @@ export function formatPretty(rec: LogRecord): string {
   const { time, level, msg, ...rest } = rec;
   const t = new Date(time).toISOString().slice(11, 23);
   const kv = Object.entries(rest)
+    .filter(([, v]) => v !== undefined) // a field with no value is left out, as JSON leaves it out
     .map(([k, v]) => `${k}=${prettyValue(v)}`)
     .join(' ');
   return `${t} ${level.toUpperCase().padEnd(5)} ${msg.replace(UNSAFE, '?').replace(/[\u0000-\u001f]/g, '?')}${kv ? ' ' + kv : ''}`;

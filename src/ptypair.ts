@@ -2,7 +2,7 @@
  * A real pseudo-terminal pair made by socat: two device paths joined back to
  * back, so a serial-port program can talk to another without hardware.
  */
-import { ChildProcess, spawn } from 'node:child_process';
+import { ChildProcess, spawn, spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
@@ -13,6 +13,13 @@ const live = new Set<ChildProcess>();
 process.once('exit', () => {
   for (const p of live) p.kill('SIGKILL');
 });
+
+let setpriv: boolean | undefined;
+/** Whether util-linux's setpriv (with --pdeathsig) can start socat. */
+function hasSetpriv(): boolean {
+  setpriv ??= process.platform === 'linux' && spawnSync('setpriv', ['--pdeathsig', 'keep', 'true']).status === 0;
+  return setpriv;
+}
 
 export class PtyPair {
   private exited: Promise<void>;
@@ -36,8 +43,15 @@ export class PtyPair {
     const a = `${base}-a`;
     const b = `${base}-b`;
     let err = '';
-    const proc = spawn('socat', ['-d', '-d', `pty,raw,echo=0,link=${a}`, `pty,raw,echo=0,link=${b}`], {
+    // socat gets a process group of its own: a Ctrl-C in the terminal signals the whole foreground
+    // group, and the pair must outlive it until its owner has shut down what uses it (close() ends
+    // socat). Out of the group, nothing would end socat if its owner died without cleaning up (a
+    // SIGKILL, a closed terminal): where util-linux's setpriv is there, the kernel sends it SIGTERM then.
+    const socat = ['socat', '-d', '-d', `pty,raw,echo=0,link=${a}`, `pty,raw,echo=0,link=${b}`];
+    const argv = hasSetpriv() ? ['setpriv', '--pdeathsig', 'TERM', ...socat] : socat;
+    const proc = spawn(argv[0], argv.slice(1), {
       stdio: ['ignore', 'ignore', 'pipe'],
+      detached: true,
     });
     live.add(proc);
     proc.once('exit', () => live.delete(proc));
@@ -47,7 +61,10 @@ export class PtyPair {
       proc.once('error', (e: NodeJS.ErrnoException) =>
         resolve(new Error(e.code === 'ENOENT' ? 'socat is not installed (apt-get install socat)' : `cannot start socat: ${e.message}`)),
       );
-      proc.once('exit', (code) => resolve(new Error(`socat exited early (code ${code}): ${err}`)));
+      // 127: setpriv found no socat to run.
+      proc.once('exit', (code) =>
+        resolve(new Error(code === 127 ? 'socat is not installed (apt-get install socat)' : `socat exited early (code ${code}): ${err}`)),
+      );
     });
     let early: Error | null = null;
     void failed.then((e) => (early = e));

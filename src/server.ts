@@ -676,6 +676,15 @@ export class Server extends EventEmitter {
     return conn;
   }
 
+  /**
+   * Stops accepting device links (the first step of a shutdown): new sockets are
+   * refused by the OS, links already up carry on until close().
+   */
+  stopAccepting(): void {
+    this.tcp?.stopListening();
+    this.tlsTcp?.stopListening();
+  }
+
   /** Closes every Connection (they reject pending writes and readers) and stops listening. */
   async close(): Promise<void> {
     if (this.closed) return;

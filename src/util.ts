@@ -74,6 +74,8 @@ export function raceAbort<T>(p: Promise<T>, signal: AbortSignal | undefined, onA
 }
 
 export function sleep(ms: number, signal?: AbortSignal): Promise<void> {
+  // Already aborted: its 'abort' event has fired and will not fire again.
+  if (signal?.aborted) return Promise.resolve();
   return new Promise((resolve) => {
     const t = setTimeout(done, ms);
     function done() {

@@ -374,6 +374,11 @@ export class TcpTransport {
     return this.srv.address() as AddressInfo | null;
   }
 
+  /** Stops accepting new sockets; those already open carry on until close(). */
+  stopListening(): void {
+    if (this.srv.listening) this.srv.close();
+  }
+
   /** Stops accepting and destroys every socket still open. */
   close(): Promise<void> {
     for (const s of this.sockets) s.destroy();
