@@ -34,20 +34,25 @@ function loadCli() {
   return require(compiled);
 }
 
-/** In a clone of the repository: a source newer than the last build means dist/ runs old code. */
+/**
+ * In a clone of the repository: a source newer than the last build means dist/ runs old code (and
+ * an example or qos script newer than it would be loaded through ts-node, beside the build).
+ */
 function warnIfStale() {
   var stamp = path.join(root, 'dist', '.built');
-  var src = path.join(root, 'src');
-  if (!fs.existsSync(src) || !fs.existsSync(stamp)) return;
+  if (!fs.existsSync(path.join(root, 'src')) || !fs.existsSync(stamp)) return;
   var built = fs.statSync(stamp).mtimeMs;
   var newer = null;
-  (function walk(dir) {
+  function walk(dir) {
     fs.readdirSync(dir, { withFileTypes: true }).forEach(function (e) {
       var p = path.join(dir, e.name);
       if (e.isDirectory()) walk(p);
       else if (!newer && /\.ts$/.test(e.name) && fs.statSync(p).mtimeMs > built) newer = p;
     });
-  })(src);
+  }
+  ['src', 'examples', 'qos'].forEach(function (d) {
+    if (fs.existsSync(path.join(root, d))) walk(path.join(root, d));
+  });
   if (newer) {
     process.stderr.write(
       'tether: warning: ' + path.relative(process.cwd(), newer) + ' changed after the last build, and this runs the build ' +
