@@ -35,9 +35,9 @@ commands:
   demo    server + example apps + simulated fleet in one process
   emulate play the root node of an ESP mesh on a serial port, with simulated nodes
   chaos   a fault-injecting TCP proxy between devices and a server
-  secret  tether secret ID [--secret S] [--scrypt]: make a device secret and the hash
-          for the config's "auth.devices" (without --secret a random one is made;
-          --scrypt: a slow hash, for secrets people chose)
+  secret  device secrets and their hashes for the config's "auth.devices", for one ID or
+          many: tether secret lamp-1 lamp-2 | --ids-from FILE | --count 20 --prefix lamp-
+          [--out FILE]; tether secret --help for every option
 
 options (all commands):
   --config FILE      config file (default: ./tether.json if present, else built-in defaults;
@@ -624,25 +624,12 @@ function serviceCommand(o: Opts): number {
   return 0;
 }
 
-/** `tether secret ID`: prints the ID line for the device and the entry for auth.devices. */
+/**
+ * `tether secret ID… | --ids-from FILE | --count N --prefix P`: device secrets, one board or a
+ * fleet at once (src/secret-command.ts, loaded only for this command).
+ */
 function secretCommand(args: string[]): number {
-  const { values, positionals } = parseArgs({
-    args,
-    allowPositionals: true,
-    options: { secret: { type: 'string' }, scrypt: { type: 'boolean' } },
-  });
-  const [id] = positionals;
-  if (!id || positionals.length > 1 || /[@\n]|##/.test(id)) {
-    process.stderr.write('tether secret: give one client ID (without "@", "##" or newlines): tether secret lamp-1\n');
-    return 2;
-  }
-  const secret = values.secret ?? generateSecret();
-  const hash = hashSecret(secret, { scrypt: values.scrypt });
-  process.stdout.write(
-    `device ID line (the client ID to configure on the board): ${id}@${secret}\n` +
-      `config entry (local.json "auth": { "devices": { … } }):   ${JSON.stringify(id)}: ${JSON.stringify(hash)}\n`,
-  );
-  return 0;
+  return (require('./secret-command') as typeof import('./secret-command')).secretCommand(args);
 }
 
 export async function main(argv: string[]): Promise<number> {
