@@ -96,6 +96,21 @@ function parentPid() {
   }
 }
 
+/**
+ * A reader of our output that has gone (a closed pipe: `tether serve | head`, or npm gone under
+ * npx) must not take the server down, nor make it spin: every log line would fail again with EPIPE,
+ * and the error would be logged, failing again. Output to a closed pipe is dropped.
+ */
+function dropOutputToClosedPipes() {
+  [process.stdout, process.stderr].forEach(function (stream) {
+    stream.on('error', function (e) {
+      if (e && (e.code === 'EPIPE' || e.code === 'ERR_STREAM_DESTROYED')) return;
+      throw e;
+    });
+  });
+}
+
+dropOutputToClosedPipes();
 var cli = loadCli();
 stopWithParent();
 cli.main(process.argv.slice(2)).then(function (code) {

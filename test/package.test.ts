@@ -187,6 +187,29 @@ test.serial('SIGTERM to `npx tether serve` (npm, not tether) stops tether too an
   t.notRegex(out(), /Error|EPIPE/);
 });
 
+test.serial('started through npm, with its output piped to npm: when npm dies, tether stops instead of running on (or spinning on EPIPE)', async (t) => {
+  const port = await freePort();
+  const httpPort = await freePort();
+  // A stand-in for npm: starts tether with pipes for its output, reports the PID, and dies at once.
+  const script =
+    "const c = require('node:child_process').spawn(process.argv[1], ['serve', '--port', process.argv[2], '--http-port', process.argv[3]], { env: { ...process.env, npm_lifecycle_event: 'start' } });" +
+    "let out = ''; c.stdout.on('data', (d) => { out += d; if (out.includes('dashboard:')) { console.log(c.pid); process.exit(0); } });" +
+    "setTimeout(() => { console.error(out); process.exit(1); }, 30000);";
+  const r = await run(process.execPath, ['-e', script, TETHER, String(port), String(httpPort)], { cwd: TMP });
+  t.is(r.code, 0, r.err);
+  const pid = Number(r.out.trim());
+  t.teardown(() => {
+    try {
+      process.kill(pid, 'SIGKILL');
+    } catch {
+      /* gone */
+    }
+  });
+  await eventually(() => !fs.existsSync(`/proc/${pid}`) || /^State:\s+Z/m.test(fs.readFileSync(`/proc/${pid}/status`, 'utf8')), 15_000, 'the orphaned tether to exit');
+  t.false(await accepts(port));
+  t.false(await accepts(httpPort));
+});
+
 /** True when something accepts TCP connections on 127.0.0.1:port. */
 function accepts(port: number): Promise<boolean> {
   return new Promise((resolve) => {
