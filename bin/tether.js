@@ -104,7 +104,7 @@ function parentPid() {
 function dropOutputToClosedPipes() {
   [process.stdout, process.stderr].forEach(function (stream) {
     stream.on('error', function (e) {
-      if (e && (e.code === 'EPIPE' || e.code === 'ERR_STREAM_DESTROYED')) return;
+      if (e && (e.code === 'EPIPE' || e.code === 'ECONNRESET' || e.code === 'ERR_STREAM_DESTROYED')) return;
       throw e;
     });
   });
