@@ -60,8 +60,9 @@ LimitNOFILE=65536
 # Serial ports (a mesh root on /dev/ttyUSB0) belong to the dialout group.
 SupplementaryGroups=dialout
 
-# Hardening. Left out on purpose: MemoryDenyWriteExecute (Node's JIT compiler needs it off)
-# and PrivateDevices (it would hide the serial ports).
+# Hardening. Left out on purpose: MemoryDenyWriteExecute (Node's JIT compiler needs it off),
+# PrivateDevices (it would hide the serial ports) and ProtectClock (it implies a device allow-list
+# that shuts out the serial ports too; without capabilities the clock is out of reach anyway).
 NoNewPrivileges=yes
 CapabilityBoundingSet=
 ProtectSystem=strict
@@ -71,7 +72,6 @@ ProtectKernelTunables=yes
 ProtectKernelModules=yes
 ProtectKernelLogs=yes
 ProtectControlGroups=yes
-ProtectClock=yes
 ProtectHostname=yes
 RestrictNamespaces=yes
 RestrictRealtime=yes

@@ -8,6 +8,7 @@ import * as net from 'node:net';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { Client, Server, silentLogger } from '../src';
+import { eventually } from './helpers/wait';
 
 const BIN = path.join(__dirname, '..', 'bin', 'tether.js');
 
@@ -29,16 +30,19 @@ function run(args: string[], timeoutMs = 60_000): Promise<{ code: number | null;
   });
 }
 
-test('demo: apps and simulated devices exchange messages, an outage heals, it exits cleanly', async (t) => {
-  const r = await run(['demo', '--port', '0', '--http-port', '0', '--duration', '10', '--outage-every', '3']);
+test('demo --verbose: apps and simulated devices exchange messages, an outage heals, it exits cleanly', async (t) => {
+  // --verbose: the apps' and the devices' own lines are what this test looks at (quiet by default since
+  // issue 16); 20 s: a staged outage waits for a message to the device, then lasts timeout + reconnectDelay.
+  const r = await run(['demo', '--port', '0', '--http-port', '0', '--duration', '20', '--outage-every', '3', '--verbose'], 110_000);
   t.is(r.code, 0, r.err);
   t.regex(r.out, /dashboard: http:\/\/127\.0\.0\.1:\d+\//, 'the demo logs where the dashboard is');
   t.regex(r.out, /HTTP API closed/, 'and closes it at the end');
   t.regex(r.out, /app got .*from=1/, 'the server app hears device 1');
   t.regex(r.out, /device got .*device=2/, 'device 2 hears its app');
   t.regex(r.out, /LED (on|off)/, 'the remote control drives the LED');
-  t.regex(r.out, /cutting a device link/);
+  t.regex(r.out, /is about to lose its WiFi/);
   t.regex(r.out, /link up .*connects=2/, 'a cut device reconnected');
+  t.regex(r.out, /^\[sim\] .*device got .*device=2/m, "the devices' lines are marked as theirs");
   // With socat (installed by .ci/run) the mesh-* devices sit behind a simulated UART mesh root.
   t.regex(r.out, /reading .*from=mesh-1 via=mesh:0x0001/, 'a mesh node reached its app through the UART transport');
   // Final table: every expected client connected.
@@ -125,4 +129,50 @@ test('chaos: proxies devices to a server on loopback, injects faults, prints the
   t.truthy(m, out);
   t.true(Number(m![1]) > 0, out);
   t.true(client.connects >= 1);
+});
+
+test('demo by default: the server view only, an outage whose message is resent and delivered once, a clean Ctrl-C', async (t) => {
+  // Its own process group, as a terminal runs it: Ctrl-C signals the whole group (socat included).
+  const proc = spawn(process.execPath, [BIN, 'demo', '--port', '0', '--http-port', '0', '--outage-every', '2'], {
+    cwd: path.join(__dirname, '..'),
+    detached: true,
+  });
+  let out = '';
+  let code: number | null | undefined;
+  proc.stdout.on('data', (d) => (out += d));
+  proc.stderr.on('data', (d) => (out += d));
+  const exited = new Promise<number | null>((r) => proc.once('exit', (c) => r((code = c))));
+  t.teardown(() => {
+    if (code === undefined) process.kill(-proc.pid!, 'SIGKILL');
+  });
+  await eventually(() => code !== undefined || /resent \d+ after the outage, delivered once/.test(out), 110_000, 'an outage to heal');
+  t.is(code, undefined, out);
+  process.kill(-proc.pid!, 'SIGINT');
+  t.is(await exited, 0, out);
+  t.regex(out, /lost its WiFi: the message to it is in flight, unacknowledged/);
+  t.regex(out, /demo: \S+ is back: resent \d+ after the outage, delivered once .*resentByServer=[1-9]/);
+  t.regex(out, /stopping why=SIGINT/);
+  t.notRegex(out, / (WARN|ERROR) /, 'nothing goes wrong on the way out (socat outlives the Ctrl-C)');
+  t.notRegex(out, /app got|device got|^\[sim\]/m, "the apps' and devices' own lines wait for --verbose");
+  t.notRegex(out.slice(out.indexOf('stopping why=SIGINT')), /link down/, 'the links the shutdown closes are not reported as outages');
+  t.regex(out, /clients when the stop came \(the shutdown then closed their links\):/);
+  const rows = [...out.matchAll(/^(\S+)\s+(up|down)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)$/gm)];
+  t.true(rows.some((m) => Number(m[7]) > 0), `the exit table shows a retransmit:\n${out}`);
+});
+
+test('a bad flag is blamed on the flag, not on the config file', async (t) => {
+  const [port, level, outage, clients, verbose] = await Promise.all([
+    run(['serve', '--port', 'abc']),
+    run(['serve', '--log-level', 'loud']),
+    run(['demo', '--outage-every', 'soon']),
+    run(['sim', '--clients', 'many']),
+    run(['serve', '--verbose']),
+  ]);
+  t.is(port.code, 1);
+  t.regex(port.err, /^tether: --port must be a port number \(0-65535; 0 = any free port\), got "abc"$/m);
+  t.notRegex(port.err, /got null|command line|\.json/);
+  t.regex(level.err, /--log-level must be one of debug, info, warn, error, silent, got "loud"/);
+  t.regex(outage.err, /--outage-every must be a number of seconds \(0 = never\), got "soon"/);
+  t.regex(clients.err, /--clients must be a whole number of devices \(1-100000\), got "many"/);
+  t.regex(verbose.err, /--verbose goes with tether demo/);
 });
