@@ -165,3 +165,28 @@ test('loadApp: name, clients and device from a plain-JS app; --app IDs and a typ
   t.is(typed.type, 'light');
   t.is(typed.clients, '*');
 });
+
+test('docs/porting.md: the ported greenhouse app, exactly as printed, runs in a real tether serve', async (t) => {
+  const doc = fs.readFileSync(path.join(ROOT, 'docs', 'porting.md'), 'utf8');
+  const m = /<!-- porting-example: greenhouse\.js -->\n```js\n([\s\S]*?)\n```/.exec(doc);
+  t.truthy(m, 'the example block is there');
+  const dir = tmpDir(t);
+  const script = path.join(dir, 'greenhouse.js');
+  fs.writeFileSync(script, m![1]);
+  const s = await serve(t, { clients: ['gh-1', 'gh-2'], apps: [{ script }] });
+  const gh1 = await device(t, s.port, 'gh-1');
+  const gh2 = await device(t, s.port, 'gh-2');
+  await gh1.write(JSON.stringify({ temp: 15.5 }));
+  t.deepEqual(JSON.parse(await gh1.readline()), { heater: 'on' });
+  await gh2.write(JSON.stringify({ temp: 21 }));
+  t.deepEqual(JSON.parse(await gh2.readline()), { heater: 'off' });
+  await gh1.write('this is not JSON');
+  await gh1.write(JSON.stringify({ temp: 19 }));
+  t.deepEqual(JSON.parse(await gh1.readline()), { heater: 'off' }, 'a bad line is skipped, the app goes on');
+  await eventually(() => /not JSON, skipped .*client=gh-1/.test(s.output()), 10_000, 'the bad line logged');
+  // Every 10 s, without qos: how many reports this board has made so far (3 for gh-1, once all are in).
+  let beat = JSON.parse(await gh1.readline()) as { reports: number };
+  while (beat.reports < 3) beat = JSON.parse(await gh1.readline());
+  t.deepEqual(beat, { reports: 3 });
+  t.notRegex(s.output(), /app failed|threw/);
+});
