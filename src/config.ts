@@ -1,5 +1,5 @@
 /**
- * `local.json`: one file for the server, the simulated devices and the apps.
+ * The config file (`tether.json`, or `--config FILE`): one file for the server, the simulated devices and the apps.
  * Every key is optional and has a documented default; unknown keys and wrong
  * types are errors that say what to change.
  */
