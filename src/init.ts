@@ -128,7 +128,8 @@ export function nextSteps(r: InitResult, dir: string): string {
     `  1. start it:       ${inDir ? 'tether serve' : `tether serve --config ${r.config}`}`,
     `  2. point your boards at ${addrs}, port ${cfg.port} (the server address and port in each board's config)`,
     `  3. watch them:     http://127.0.0.1:${cfg.http.port}/ on this machine (see "$http" in the config for other machines)`,
-    `  apps go in ${path.join(path.dirname(r.config), 'apps')}; bind them under "apps" in the config. To run it as a service: tether service --help`,
+    `  apps go in ${path.join(path.dirname(r.config), 'apps')}; bind them under "apps" in the config.`,
+    '  to start it at boot: `tether service` prints a systemd unit (docs/raspberry-pi.md has the steps)',
     '',
   ].join('\n');
 }
