@@ -197,6 +197,8 @@ export const PAGE_BYTES = 256 * 1024;
 export const INIT_INTERVAL = 100;
 /** Messages a browser may send per second on /ws, and in one burst; beyond, its socket is paused (TCP pushes back). */
 export const BROWSER_MESSAGES = { perSecond: 20, burst: 40 } as const;
+/** A client address owing more than this many ms of event-loop time has its new sockets closed on arrival. */
+const REFUSE_SOCKETS_OWING = 1000;
 /** A browser this many messages past its rate (sent before its pause took hold) is dropped. */
 const FLOOD_DEBT = BROWSER_MESSAGES.burst * 5;
 /** Requests one socket may have in flight (pipelined, not yet answered); beyond, the socket is closed. */
@@ -512,6 +514,42 @@ function uplotDir(): string | null {
   }
 }
 
+/**
+ * Event-loop time spent since it started: the smaller of wall time and this
+ * process's CPU time (wall time alone would charge a client for the OS running
+ * another process meanwhile; CPU time alone, for the work of other threads).
+ */
+class Stopwatch {
+  private readonly wall = performance.now();
+  private readonly cpu = process.cpuUsage();
+  ms(): number {
+    const c = process.cpuUsage(this.cpu);
+    return Math.min(performance.now() - this.wall, (c.user + c.system) / 1000);
+  }
+}
+
+/**
+ * Closes a socket that pipelined too much. Node then aborts every request the
+ * socket had sent and not been answered (up to a thousand or more from one read),
+ * each with an error whose stack trace is formatted at once, which under ts-node's
+ * source maps costs tens of µs apiece; those traces say nothing, so they are not
+ * collected while the socket's close event runs (Node's listener sits between ours).
+ */
+function cutQuietly(socket: Socket): void {
+  let saved: number | null = null;
+  const restore = () => {
+    if (saved !== null) Error.stackTraceLimit = saved;
+    saved = null;
+  };
+  socket.prependOnceListener('close', () => {
+    saved = Error.stackTraceLimit;
+    Error.stackTraceLimit = 0;
+    process.nextTick(restore); // should a listener in between throw
+  });
+  socket.once('close', restore);
+  socket.destroy();
+}
+
 /** The soft limit on open files of this process (Linux), or null if unknown. */
 function openFileLimit(): number | null {
   try {
@@ -621,6 +659,66 @@ export class LoadBudget {
   get addresses(): number {
     return this.clients.size;
   }
+}
+
+/** What a step of queued work says: finished, more to do, or wait this many ms first (its client owes time). */
+export type StepResult = 'done' | 'more' | number;
+
+/**
+ * Work for clients that can take long (a pass over every device, building a page,
+ * an UPDT): steps run in turn, round robin, at most `sliceMs` of them per turn of
+ * the event loop; the next batch waits for the next turn, after the device links'
+ * I/O. Many requests at once therefore cost them time, never a stall.
+ */
+export class WorkQueue {
+  private readonly jobs: Array<() => StepResult> = [];
+  private scheduled = false;
+  private readonly waiting = new Set<NodeJS.Timeout>();
+  constructor(private readonly sliceMs: number) {}
+  /** Adds a job: `step` is called until it says done (a throw counts as done). */
+  add(step: () => StepResult): void {
+    this.jobs.push(step);
+    this.schedule();
+  }
+  /** Jobs queued or waiting. */
+  get size(): number {
+    return this.jobs.length + this.waiting.size;
+  }
+  /** Drops every job (closing). */
+  clear(): void {
+    this.jobs.length = 0;
+    for (const t of this.waiting) clearTimeout(t);
+    this.waiting.clear();
+  }
+  private schedule(): void {
+    if (this.scheduled || this.jobs.length === 0) return;
+    this.scheduled = true;
+    setImmediate(this.drain);
+  }
+  private readonly drain = (): void => {
+    this.scheduled = false;
+    const end = performance.now() + this.sliceMs;
+    while (this.jobs.length > 0 && performance.now() < end) {
+      const step = this.jobs.shift()!;
+      let r: StepResult;
+      try {
+        r = step();
+      } catch {
+        r = 'done';
+      }
+      if (r === 'more') this.jobs.push(step);
+      else if (typeof r === 'number') {
+        const t = setTimeout(() => {
+          this.waiting.delete(t);
+          this.jobs.push(step);
+          this.schedule();
+        }, Math.max(1, Math.ceil(r)));
+        t.unref();
+        this.waiting.add(t);
+      }
+    }
+    this.schedule();
+  };
 }
 
 // ---- Host check (DNS rebinding) --------------------------------------------------------
@@ -790,6 +888,7 @@ export class HttpApi {
   /** HTTP limit hits (also in `tether_limit_hits_total{limit}`). */
   readonly limits: Record<HttpLimitName, number> = { httpConnections: 0, httpHost: 0, httpLoad: 0, httpPipelining: 0 };
   private readonly budget: LoadBudget;
+  private readonly work = new WorkQueue(SLICE_MS);
   private hosts: HostCheck;
   /** Open sockets per client address, and sockets with no request in progress (oldest first: the first closed when full). */
   private readonly perAddress = new Map<string, number>();
@@ -1005,6 +1104,17 @@ export class HttpApi {
   private onSocket(socket: Socket): void {
     const address = socket.remoteAddress ?? '?';
     const lim = this.limitOptions;
+    // A client far in debt (it was told with 429s) gets no new socket until it has paid: nothing of it is parsed.
+    const owed = this.budget.wait(address, performance.now());
+    if (owed.who === 'client' && owed.ms > REFUSE_SOCKETS_OWING) {
+      this.hit('httpLoad', 'HTTP connection refused: its address is far over its share of the server time', {
+        address,
+        retryInMs: Math.ceil(owed.ms),
+        hint: 'the client sent more than http.maxClientLoad allows (a flood, or pipelining); it may connect again once its share has refilled',
+      });
+      socket.destroy();
+      return;
+    }
     const mine = this.perAddress.get(address) ?? 0;
     if (mine >= lim.maxConnectionsPerAddress) {
       this.hit('httpConnections', 'HTTP connection refused: too many from one address', {
@@ -1041,7 +1151,13 @@ export class HttpApi {
     const key = sockKey(socket);
     this.socketInfo.set(socket, { address, key });
     this.sockets.set(key, socket);
-    socket.once('close', () => this.release(socket));
+    // Node's own work when a socket closes (aborting the requests it still had, pipelined) is charged to its client too.
+    let closing: Stopwatch | null = null;
+    socket.prependOnceListener('close', () => (closing = new Stopwatch()));
+    socket.once('close', () => {
+      this.release(socket);
+      if (closing) this.charge(address, closing.ms());
+    });
   }
 
   /** Uncounts a socket (once, whether it closed or was closed for a newcomer). */
@@ -1130,12 +1246,13 @@ export class HttpApi {
           max: MAX_PIPELINED,
           hint: 'send a request after the answer to the previous one (or on several connections)',
         });
-        socket.destroy();
+        cutQuietly(socket);
         return;
       }
     }
     const address = socket.remoteAddress ?? '?';
     const t0 = performance.now();
+    const watch = new Stopwatch();
     let work: Promise<void>;
     try {
       this.admit(req.headers.host, address, t0);
@@ -1144,7 +1261,7 @@ export class HttpApi {
     } catch (e) {
       work = Promise.reject(e);
     }
-    this.charge(address, performance.now() - t0);
+    this.charge(address, watch.ms());
     try {
       await work;
     } catch (e) {
@@ -1160,11 +1277,11 @@ export class HttpApi {
 
   /** Runs `fn` (synchronous work started after an await) and charges its time to `address`. */
   private timed<T>(address: string, fn: () => T): T {
-    const t0 = performance.now();
+    const watch = new Stopwatch();
     try {
       return fn();
     } finally {
-      this.charge(address, performance.now() - t0);
+      this.charge(address, watch.ms());
     }
   }
 
@@ -1195,7 +1312,7 @@ export class HttpApi {
         const f = validate.listQuery(url.searchParams);
         const { limit, offset } = validate.page(url.searchParams);
         const { rows, total, rest } = await this.pick(address, f, offset, limit);
-        return this.timed(address, () =>
+        return this.task(address, () =>
           this.json(res, 200, { devices: rows.map((r) => this.fleet.describe(r.conn)), total, next: rest > 0 ? offset + rows.length : null }),
         );
       }
@@ -1608,6 +1725,7 @@ export class HttpApi {
     if (tcp) this.idle.delete(tcp);
     const address = socket.remoteAddress ?? '?';
     const t0 = performance.now();
+    const watch = new Stopwatch();
     try {
       this.admit(req.headers.host, address, t0);
     } catch (e) {
@@ -1623,7 +1741,7 @@ export class HttpApi {
           .join(''),
       );
     } finally {
-      this.charge(address, performance.now() - t0);
+      this.charge(address, watch.ms());
     }
     let p: string;
     try {
@@ -1732,6 +1850,7 @@ export class HttpApi {
   private onBrowserMessage(b: Browser, data: Buffer | Buffer[] | ArrayBuffer, isBinary: boolean): void {
     if (b.ws.readyState !== WebSocket.OPEN) return; // dropped: what it had sent before is not read
     const t0 = performance.now();
+    const watch = new Stopwatch();
     if (!this.meter(b)) return;
     let then: 'init' | 'page' | null = null;
     try {
@@ -1760,7 +1879,7 @@ export class HttpApi {
       if (!(e instanceof HttpProblem)) this.log.error('WebSocket message failed', { error: (e as Error).stack ?? String(e) });
       this.sendTo(b, { t: 'ERR', error });
     }
-    this.charge(b.address, performance.now() - t0);
+    this.charge(b.address, watch.ms());
     if (then) this.ask(b, then);
   }
 
@@ -1813,27 +1932,57 @@ export class HttpApi {
   }
 
   /**
-   * Runs `each` over every Connection in slices of at most SLICE_MS, charged to
-   * `address`. Between slices the event loop serves the device links, and while
-   * this client (or all of them) owes time the next slice waits: a fleet of
-   * 100,000 costs a request more time, never a stall, and never more than its share.
+   * Runs `each` over every Connection, 256 at a time, as steps of the work queue
+   * charged to `address`: the device links are served between turns, and while
+   * this client (or all of them) owes time its steps wait. A fleet of 100,000
+   * costs a request more time, never a stall, and never more than its share.
    */
-  private async sweep(address: string, each: (c: Connection) => void): Promise<void> {
+  private sweep(address: string, each: (c: Connection) => void): Promise<void> {
     const conns = this.server.connections();
     let i = 0;
-    do {
-      await new Promise<void>((r) => setImmediate(r));
-      const owed = this.budget.wait(address, performance.now()).ms;
-      if (owed > 0) await new Promise<void>((r) => setTimeout(r, Math.ceil(owed)));
-      if (this.closed) throw new HttpProblem(503, 'the server is shutting down');
-      const t0 = performance.now();
-      const end = t0 + SLICE_MS;
-      do {
-        const stop = Math.min(conns.length, i + 256);
-        for (; i < stop; i++) each(conns[i]);
-      } while (i < conns.length && performance.now() < end);
-      this.charge(address, performance.now() - t0);
-    } while (i < conns.length);
+    return new Promise<void>((resolve, reject) =>
+      this.work.add(() => {
+        if (this.closed) {
+          reject(new HttpProblem(503, 'the server is shutting down'));
+          return 'done';
+        }
+        const owed = this.budget.wait(address, performance.now()).ms;
+        if (owed > 0) return owed;
+        const watch = new Stopwatch();
+        try {
+          const stop = Math.min(conns.length, i + 256);
+          for (; i < stop; i++) each(conns[i]);
+        } catch (e) {
+          reject(e);
+          return 'done';
+        } finally {
+          this.charge(address, watch.ms());
+        }
+        if (i < conns.length) return 'more';
+        resolve();
+        return 'done';
+      }),
+    );
+  }
+
+  /** Runs `fn` as one step of the work queue (once `address` owes no time), charged to it. */
+  private task<T>(address: string, fn: () => T): Promise<T> {
+    return new Promise<T>((resolve, reject) =>
+      this.work.add(() => {
+        if (this.closed) {
+          reject(new HttpProblem(503, 'the server is shutting down'));
+          return 'done';
+        }
+        const owed = this.budget.wait(address, performance.now()).ms;
+        if (owed > 0) return owed;
+        try {
+          resolve(this.timed(address, fn));
+        } catch (e) {
+          reject(e);
+        }
+        return 'done';
+      }),
+    );
   }
 
   /**
@@ -1884,8 +2033,8 @@ export class HttpApi {
     const gen = b.filterGen;
     b.lastInit = Date.now();
     const { rows, total, rest } = await this.pick(b.address, b.filter, 0, this.limitOptions.pageSize);
-    if (gen !== b.filterGen || b.ws.readyState !== WebSocket.OPEN) return; // a newer FILT: its INIT follows
-    this.timed(b.address, () => {
+    await this.task(b.address, () => {
+      if (gen !== b.filterGen || b.ws.readyState !== WebSocket.OPEN) return; // a newer FILT: its INIT follows
       const { parts, ids } = this.pageJson(rows);
       b.shown = new Set(ids);
       b.changed.clear();
@@ -1907,8 +2056,8 @@ export class HttpApi {
     }
     const gen = b.filterGen;
     const { rows, total, rest } = await this.pick(b.address, b.filter, 0, this.limitOptions.pageSize, b.shown);
-    if (gen !== b.filterGen || b.ws.readyState !== WebSocket.OPEN) return; // a FILT came: the INIT answers instead
-    this.timed(b.address, () => {
+    await this.task(b.address, () => {
+      if (gen !== b.filterGen || b.ws.readyState !== WebSocket.OPEN) return; // a FILT came: the INIT answers instead
       const fresh = rows.filter((r) => !b.shown.has(r.id)); // shown meanwhile by an UPDT
       const { parts, ids } = this.pageJson(fresh);
       for (const id of ids) b.shown.add(id);
@@ -1959,7 +2108,7 @@ export class HttpApi {
     if (b.timer) return;
     const countOnly = b.changed.size === 0 && b.total === b.sentTotal;
     const at = countOnly ? Math.max(b.lastUpdate + UPDT_INTERVAL, b.countedAt + COUNT_INTERVAL) : b.lastUpdate + UPDT_INTERVAL;
-    b.timer = setTimeout(() => this.flush(b), Math.max(0, at - now));
+    b.timer = setTimeout(() => this.queueFlush(b), Math.max(0, at - now));
     b.timer.unref();
   }
 
@@ -1968,16 +2117,16 @@ export class HttpApi {
    * rest go with the next), `removed`: IDs shown before that no longer match, and
    * `total` when the count of matching devices changed.
    */
+  private queueFlush(b: Browser): void {
+    // b.timer stays set until the flush has run: changes meanwhile join this UPDT.
+    void this.task(b.address, () => {
+      b.timer = null;
+      this.flush(b);
+    }).catch(() => {});
+  }
+
   private flush(b: Browser): void {
-    b.timer = null;
     if (b.ws.readyState !== WebSocket.OPEN) return;
-    const t0 = performance.now();
-    const owed = this.budget.wait(b.address, t0).ms;
-    if (owed > 0) {
-      b.timer = setTimeout(() => this.flush(b), Math.ceil(owed));
-      b.timer.unref();
-      return;
-    }
     const now = Date.now();
     const infos: DeviceInfo[] = [];
     const removed: string[] = [];
@@ -2017,7 +2166,6 @@ export class HttpApi {
       b.sentTotal = b.total;
       this.sendRaw(b, msg + '}');
     }
-    this.charge(b.address, performance.now() - t0);
     if (b.changed.size > 0 || (!b.complete && b.countStale)) this.scheduleFlush(b, now);
   }
 
