@@ -35,6 +35,14 @@ function secret(args: string[], opts: { cwd?: string; input?: string } = {}): Pr
   });
 }
 
+/** The command in this process, with its output captured. */
+function inProcess(args: string[]): Run {
+  let out = '';
+  let err = '';
+  const code = secretCommand(args, { stdout: (x) => (out += x), stderr: (x) => (err += x), readFile: (f) => fs.readFileSync(f, 'utf8') });
+  return { code, out, err };
+}
+
 function tmpDir(t: ExecutionContext): string {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tether-secret-'));
   t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
@@ -129,11 +137,13 @@ test('without --out: both halves on stdout, ready to paste, and stderr says secr
   await checkPairs(t, devices, lines);
   t.regex(r.err, /holds 2 secrets in clear text.*--out FILE writes them to a file only you can read instead/);
 
-  // json and csv on stdout: both halves, for scripts.
-  const j = await secret(['x-1', 'x-2', '--format', 'json']);
+  // json and csv on stdout: both halves, for scripts (in-process: the same function the CLI runs).
+  const j = inProcess(['x-1', 'x-2', '--format', 'json']);
+  t.is(j.code, 0);
+  t.regex(j.err, /holds 2 secrets in clear text/);
   const both = JSON.parse(j.out) as { auth: { devices: Record<string, string> }; boards: Record<string, string> };
   await checkPairs(t, both.auth.devices, Object.values(both.boards));
-  const c = await secret(['x-1', 'x-2', '--format', 'csv']);
+  const c = inProcess(['x-1', 'x-2', '--format', 'csv']);
   const rows = c.out.trimEnd().split('\n');
   t.is(rows[0], 'id,id_line,hash');
   for (const row of rows.slice(1)) {
@@ -187,9 +197,7 @@ test('mistakes are refused with exit 2 and a message that says what to do; an ex
   ];
   // Each case in-process (the same function the CLI calls; a process each would take minutes here)…
   for (const [args, want] of cases) {
-    let out = '';
-    let err = '';
-    const code = secretCommand(args, { stdout: (x) => (out += x), stderr: (x) => (err += x), readFile: (f) => fs.readFileSync(f, 'utf8') });
+    const { code, out, err } = inProcess(args);
     t.is(code, 2, args.join(' '));
     t.regex(err, want, args.join(' '));
     t.is(out, '', `${args.join(' ')}: nothing on stdout`);
