@@ -6,7 +6,6 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { parseArgs } from 'node:util';
 import { AppRunner, DeviceFn, LoadedApp, loadApp } from './apps';
-import { generateSecret, hashSecret } from './auth';
 import { HTTP_CONFIG_DEFAULTS, loadConfig, resolveConfig, TetherConfig } from './config';
 import { HttpApi } from './http';
 import { createLogger, Logger } from './log';
