@@ -7,7 +7,10 @@
  */
 /* eslint-disable @typescript-eslint/no-explicit-any -- the functions run in the page, and this project compiles without the DOM types */
 import test, { ExecutionContext } from 'ava';
+import { spawn } from 'node:child_process';
 import * as fs from 'node:fs';
+import * as net from 'node:net';
+import * as os from 'node:os';
 import * as path from 'node:path';
 import { chromium, Browser, Page } from 'playwright-core';
 import { Client } from '../src/client';
@@ -16,7 +19,8 @@ import { Fleet } from '../src/fleet';
 import { HttpApi } from '../src/http';
 import { silentLogger } from '../src/log';
 import { Server } from '../src/server';
-import { eventually as poll } from './helpers/wait';
+import { freePort } from './helpers/serve';
+import { eventually as poll, within } from './helpers/wait';
 
 /** Debian's package puts it here; TETHER_CHROMIUM points elsewhere (another distribution's Chromium). */
 const CHROMIUM = process.env.TETHER_CHROMIUM || '/usr/bin/chromium';
@@ -431,6 +435,118 @@ test.serial('1,000 real devices: the table shows them all and follows a status c
   await page.getByTestId('filter-status').selectOption('down');
   await eventually(() => rowIds(page), [victim], 'only the down device');
   t.log(`status filter applied in ${Date.now() - f} ms`);
+  t.deepEqual(errors, []);
+});
+
+// ---- a fleet of 100,000 ---------------------------------------------------------------------
+
+test.serial('100,000 devices while some churn: the first message is one page, the table loads pages, updates and "Show more" work', async (t) => {
+  t.timeout(600_000);
+  // A real server process (log level warn: 100,000 links would print 200,000 info lines).
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tether-100k-'));
+  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const [port, httpPort] = [await freePort(), await freePort()];
+  const cfg = path.join(dir, 'tether.json');
+  fs.writeFileSync(cfg, JSON.stringify({ host: '127.0.0.1', port, idLineTypes: true, maxConnectionsPerAddress: 5000, timeout: 2000, log: { level: 'warn', format: 'json' }, http: { port: httpPort } }));
+  const proc = spawn(process.execPath, [path.join(__dirname, '..', 'bin', 'tether.js'), 'serve', '--config', cfg], { cwd: path.join(__dirname, '..'), stdio: ['ignore', 'ignore', 'pipe'] });
+  let stderr = '';
+  proc.stderr!.on('data', (d) => (stderr += d));
+  let exited = false;
+  proc.once('exit', () => (exited = true));
+  t.teardown(() => proc.kill('SIGKILL'));
+  const base = `http://127.0.0.1:${httpPort}`;
+  await until(async () => !exited && (await fetch(`${base}/api/devices?limit=1`).then((r) => r.ok, () => false)), 'the server to answer', 60_000);
+
+  // 99,800 devices that connected once (an ID line, then gone), 200 that stay connected; bounded: 200 at a time.
+  const N = 100_000;
+  const LIVE = 200;
+  const t0 = Date.now();
+  let next = 0;
+  const once = async () => {
+    while (next < N - LIVE) {
+      const i = next++;
+      await within(
+        new Promise<void>((resolve) => {
+          const s = net.connect(port, '127.0.0.1');
+          s.on('error', () => resolve());
+          s.on('close', () => resolve());
+          s.on('data', () => s.end()); // the first keepalive: the server has taken the ID
+          s.write(`node-${String(i).padStart(6, '0')}##${i % 3 ? 'lamp' : 'sensor'}##{"room":"r${i % 100}"}\n`);
+        }),
+        30_000,
+        `device ${i} to connect`,
+      );
+    }
+  };
+  await Promise.all(Array.from({ length: 200 }, once));
+  t.log(`${N - LIVE} devices made in ${((Date.now() - t0) / 1000).toFixed(1)} s`);
+  const live: Client[] = [];
+  for (let i = 0; i < LIVE; i++) live.push(new Client({ id: `live-${String(i).padStart(3, '0')}##lamp`, host: '127.0.0.1', port, timeout: 2000, reconnectDelay: 200, retryMin: 100, retryMax: 1000, logger: silentLogger }));
+  t.teardown(() => live.forEach((c) => c.close()));
+  for (let i = 0; i < LIVE; i += 50) await Promise.all(live.slice(i, i + 50).map((c) => c.connect()));
+  await until(async () => ((await (await fetch(`${base}/api/devices?limit=1`)).json()) as { total: number }).total === N, `${N} devices on the server`, 60_000);
+
+  // Churn meanwhile: 20 of the live devices drop their link and come back, over and over (bounded by count).
+  const churned = live.slice(0, 20);
+  const steady = live.slice(20);
+  let churning = true;
+  const churn = (async () => {
+    for (let k = 0; churning && k < 2000; k++) {
+      churned[k % churned.length].disconnect('test: churn');
+      await new Promise((r) => setTimeout(r, 100));
+    }
+  })();
+  t.teardown(() => {
+    churning = false;
+  });
+  const watchedOutages0 = steady.filter((c) => c !== steady[10]).reduce((a, c) => a + c.counters.outages, 0);
+
+  const page = await browser.newPage({ viewport: { width: 1400, height: 900 } });
+  t.teardown(() => page.close().catch(() => {}));
+  const errors: string[] = [];
+  page.on('pageerror', (e) => errors.push(e.message));
+  const frames: number[] = [];
+  page.on('websocket', (ws) => ws.on('framereceived', (f) => frames.push(typeof f.payload === 'string' ? Buffer.byteLength(f.payload) : f.payload.length)));
+  const opened = Date.now();
+  await page.goto(base + '/');
+  const rowCount = () => page.locator('#rows tr').count();
+  // Pages load by themselves up to 2,000 rows; the count says how many match.
+  await until(async () => (await rowCount()) >= 2000, '2,000 rows', 120_000);
+  t.log(`2,000 of ${N} rows shown ${Date.now() - opened} ms after opening the page`);
+  await eventually(async () => /^\d+ of 100000$/.test((await page.getByTestId('device-count').textContent()) ?? ''), true, 'the count "… of 100000"');
+  t.true(frames.length > 0);
+  t.log(`first WebSocket message ${frames[0]} bytes, largest ${Math.max(...frames)} bytes, ${frames.length} messages`);
+  t.true(frames[0] < 1024 * 1024, `the first message is ${frames[0]} bytes`);
+  t.true(Math.max(...frames) <= 512 * 1024, `the largest message is ${Math.max(...frames)} bytes`);
+  t.true((await rowCount()) <= 2000 + 500, 'no more than asked for');
+  const first = await rowIds(page);
+  t.deepEqual(first.slice(0, 3), ['live-000', 'live-001', 'live-002'], 'sorted by ID as the server sorts');
+  t.deepEqual(first, [...first].sort(new Intl.Collator('en', { numeric: true }).compare), 'in order');
+  t.is(new Set(first).size, first.length, 'no row twice');
+
+  // A shown device changes: its row follows, in place.
+  const victim = steady[10];
+  const victimId = 'live-030';
+  await page.getByTestId(`row-${victimId}`).evaluate((tr) => tr.setAttribute('data-marked', 'yes'));
+  victim.close();
+  await eventually(() => page.getByTestId(`status-${victimId}`).textContent(), 'down', 'the status of a shown device');
+  t.is(await page.getByTestId(`row-${victimId}`).getAttribute('data-marked'), 'yes');
+
+  // "Show more" loads the next page; scrolling to the end of the table loads the one after.
+  const before = await rowCount();
+  await page.getByTestId('load-more').dispatchEvent('click'); // a click without scrolling the button into view
+  await until(async () => (await rowCount()) > before, 'a page more after "Show more"');
+  const after = await rowCount();
+  t.true(after - before <= 500);
+  await page.getByTestId('load-more').scrollIntoViewIfNeeded();
+  await until(async () => (await rowCount()) > after, 'a page more when the end of the table is in view');
+  t.true(Math.max(...frames) <= 512 * 1024);
+
+  churning = false;
+  await churn;
+  const watched = steady.filter((c) => c !== victim);
+  t.is(watched.reduce((a, c) => a + c.counters.outages, 0), watchedOutages0, 'no steady device lost its link');
+  t.false(exited, stderr);
   t.deepEqual(errors, []);
 });
 
