@@ -58,6 +58,12 @@ export async function serve(t: ExecutionContext, config: Record<string, unknown>
   t.teardown(() => {
     if (code === undefined) proc.kill('SIGKILL');
   });
+  // A test that times out never runs its teardown: the server must not outlive the test process.
+  const reap = () => {
+    if (code === undefined) proc.kill('SIGKILL');
+  };
+  process.once('exit', reap);
+  void exited.then(() => process.off('exit', reap));
   await eventually(() => code !== undefined || out.includes('dashboard:') || (full.http === null && out.includes('listening')), 60_000, 'tether serve listens');
   if (code !== undefined) throw new Error(`tether serve exited with ${code}:\n${out}`);
   return {
