@@ -364,7 +364,8 @@ async function serve(o: Opts, withFleet: boolean): Promise<void> {
   const log = demoLog?.log ?? makeLogger(cfg);
   if (!withFleet) warnStaleLocalJson(o, log);
   // Listening for the stop from the start: a Ctrl-C or SIGTERM during start-up still shuts down in order.
-  const stopped = untilStopped(duration, log);
+  // The bound on the shutdown takes over the signals at once (a second one may come while start-up finishes).
+  const stopped = untilStopped(duration, log).then(() => shutdownGuard(log));
   const apps = appsFrom(cfg, o);
   if (withFleet && apps.length === 0) {
     throw new Error('the demo needs apps: add "apps" to the config (see examples/demo.json) or pass --app');
@@ -436,9 +437,8 @@ async function serve(o: Opts, withFleet: boolean): Promise<void> {
     });
   }
   announce(cfg, server, api, log);
-  await stopped;
   // Shutdown: stop taking links, stop the apps, close the links and the journal; bounded.
-  const guard = shutdownGuard(log);
+  const guard = await stopped;
   demoLog?.stopping();
   server.stopAccepting();
   clearInterval(status);
