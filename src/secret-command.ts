@@ -162,7 +162,7 @@ function run(args: string[], io: SecretIo): number {
     const r = rows[0];
     io.stdout(
       `device ID line (the client ID to configure on the board): ${r.line}\n` +
-        `config entry (local.json "auth": { "devices": { … } }):   ${JSON.stringify(r.id)}: ${JSON.stringify(r.hash)}\n`,
+        `config entry (tether.json "auth": { "devices": { … } }):   ${JSON.stringify(r.id)}: ${JSON.stringify(r.hash)}\n`,
     );
   } else if (format === 'json') {
     const map: Record<string, string> = {};
