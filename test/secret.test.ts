@@ -154,7 +154,7 @@ test('without --out: both halves on stdout, ready to paste, and stderr says secr
   // One ID: the original two-line form (plus the note on stderr).
   const one = await secret(['lamp-9']);
   t.is(one.code, 0);
-  const m = /^device ID line \(the client ID to configure on the board\): (lamp-9@\S+)\nconfig entry \(local\.json "auth": \{ "devices": \{ … \} \}\):\s+"lamp-9": ("[^"]+")\n$/.exec(one.out);
+  const m = /^device ID line \(the client ID to configure on the board\): (lamp-9@\S+)\nconfig entry \(tether\.json "auth": \{ "devices": \{ … \} \}\):\s+"lamp-9": ("[^"]+")\n$/.exec(one.out);
   t.truthy(m, one.out);
   t.true(await verifySecret(split(m![1])[1], JSON.parse(m![2])));
   t.regex(one.err, /holds a secret in clear text/);
