@@ -32,6 +32,7 @@
  * { cmd: 'exit' }.
  */
 import * as net from 'node:net';
+import { WebSocket } from 'ws';
 import { prng } from '../src/util';
 
 export const KINDS = ['slowloris', 'bigline', 'binary', 'rapid', 'hijack'] as const;
@@ -42,8 +43,12 @@ export const KINDS = ['slowloris', 'bigline', 'binary', 'rapid', 'hijack'] as co
  *                        app reads (the server's app leaves `cycle-*` alone), then gone
  * - stream   127.0.8.x   connect as `stream-<slot>`: the server's app streams lines to
  *                        it without qos as fast as it reads; it reads in bursts
+ * - wsflood  127.0.9.x   a WebSocket to the HTTP API's /ws that sends 20,000 filter
+ *                        messages at once, then waits until the server drops it
+ * - httpslow 127.0.10.x  a socket to the HTTP port that sends one byte of a request's
+ *                        headers a second and never finishes them (HTTP slowloris)
  */
-export const EXTRA_KINDS = ['idcycle', 'stream'] as const;
+export const EXTRA_KINDS = ['idcycle', 'stream', 'wsflood', 'httpslow'] as const;
 export const ALL_KINDS = [...KINDS, ...EXTRA_KINDS] as const;
 export type Kind = (typeof ALL_KINDS)[number];
 
@@ -84,6 +89,8 @@ export const DEFAULT_PACING: Pacing = {
 export interface HostileJob {
   host: string;
   port: number;
+  /** The HTTP API's port (the wsflood and httpslow kinds). */
+  httpPort?: number;
   /** Hostile connections kept going, split over the five kinds. */
   count: number;
   /** The good clients' IDs (the hijack targets). */
@@ -352,6 +359,59 @@ async function stream(job: HostileJob, slot: number): Promise<void> {
   await c.closed;
 }
 
+/** WebSockets of the wsflood kind (closed at stop, like the sockets in `open`). */
+const floods = new Set<WebSocket>();
+
+async function wsflood(job: HostileJob, slot: number): Promise<void> {
+  const st = stats.kinds.wsflood;
+  const ws = new WebSocket(`ws://${job.host}:${job.httpPort}/ws`, { localAddress: `127.0.9.${1 + (slot % 32)}` });
+  floods.add(ws);
+  let ours = false;
+  let opened = false;
+  ws.on('error', () => {});
+  ws.on('message', (d: Buffer) => (st.bytesReceived += d.length));
+  const msgs = [JSON.stringify({ t: 'FILT', q: 'nothing-0' }), JSON.stringify({ t: 'FILT', q: 'nothing-1' })];
+  ws.once('open', async () => {
+    opened = true;
+    st.opened++;
+    // 20,000 messages as fast as this process can, 500 per turn of its event loop, until the server drops it.
+    for (let i = 0; running && i < 20_000 && ws.readyState === WebSocket.OPEN; i++) {
+      ws.send(msgs[i % 2]);
+      st.bytesSent += msgs[i % 2].length;
+      if (i % 500 === 499) await new Promise((r) => setImmediate(r));
+    }
+  });
+  await new Promise<void>((resolve) => {
+    // At most 30 s; the server is expected to drop it long before.
+    const t = setTimeout(() => {
+      ours = true;
+      ws.terminate();
+    }, 30_000);
+    ws.once('close', () => {
+      clearTimeout(t);
+      floods.delete(ws);
+      if (!opened) st.connectErrors++; // refused (503: maxBrowsers, 429: its address is over its share)
+      else if (ours || !running) st.closedByUs++;
+      else st.closedByServer++;
+      resolve();
+    });
+  });
+}
+
+async function httpslow(job: HostileJob, slot: number): Promise<void> {
+  const addr = `127.0.10.${1 + (slot % 64)}`;
+  const c = dial({ ...job, port: job.httpPort ?? job.port }, 'httpslow', addr, () => {});
+  c.socket.resume();
+  await new Promise<void>((r) => (c.connected ? r() : c.socket.once('connect', () => r()).once('close', () => r())));
+  const header = `GET /api/devices HTTP/1.1\r\nHost: ${job.host}\r\nX-Slow: `;
+  for (let i = 0; alive(c) && i < 1000; i++) {
+    await write('httpslow', c, i < header.length ? header[i] : 'x');
+    await pause(c, 1000);
+  }
+  close(c);
+  await c.closed;
+}
+
 // ---- the slots ---------------------------------------------------------------------------
 
 async function slotLoop(job: HostileJob, kind: Kind, slot: number): Promise<void> {
@@ -369,6 +429,8 @@ async function slotLoop(job: HostileJob, kind: Kind, slot: number): Promise<void
       else if (kind === 'rapid') await rapid(job, slot, iter, rnd);
       else if (kind === 'idcycle') await idcycle(job, slot, iter);
       else if (kind === 'stream') await stream(job, slot);
+      else if (kind === 'wsflood') await wsflood(job, slot);
+      else if (kind === 'httpslow') await httpslow(job, slot);
       else await hijack(job, slot, iter, rnd);
     } catch {
       // a hostile loop does not care why its socket failed
@@ -408,6 +470,10 @@ async function stopJob(): Promise<HostileStats> {
     if (st) st.openAtStop++;
     s.destroy();
   }
+  for (const ws of floods) {
+    stats.kinds.wsflood.openAtStop++;
+    ws.terminate();
+  }
   await Promise.race([Promise.all(loops), sleep(10_000)]);
   stats.wallMs = Date.now() - startedAt;
   const cpu = process.cpuUsage(cpuAt);
@@ -424,6 +490,7 @@ function kindOf(s: net.Socket): Kind {
   if (a.startsWith('127.0.5.')) return 'rapid';
   if (a.startsWith('127.0.7.')) return 'idcycle';
   if (a.startsWith('127.0.8.')) return 'stream';
+  if (a.startsWith('127.0.10.')) return 'httpslow';
   return 'hijack';
 }
 
@@ -443,6 +510,7 @@ if (require.main === module) {
     } else if (m.cmd === 'exit') {
       running = false;
       for (const s of open) s.destroy();
+      for (const ws of floods) ws.terminate();
       process.exit(0);
     }
   });

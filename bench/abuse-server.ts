@@ -16,6 +16,8 @@
 import { monitorEventLoopDelay } from 'node:perf_hooks';
 import { Connection, createLogger, LogRecord, Server } from '../src';
 import type { Link } from '../src';
+import { Fleet } from '../src/fleet';
+import { HttpApi } from '../src/http';
 
 interface Start {
   cmd: 'start';
@@ -45,6 +47,7 @@ const excess = (ns: number) => Math.max(0, ns / 1e6 - LAG_RESOLUTION_MS);
 lag.enable();
 
 let server: Server | null = null;
+let api: HttpApi | null = null;
 let goodIds = new Set<string>();
 let goodAddrs = new Set<string>();
 const hijacks: Array<{ id: string; address: string; remote: string; at: number }> = [];
@@ -137,7 +140,10 @@ async function start(m: Start): Promise<void> {
       }
     })().catch(() => {});
   });
-  send({ type: 'ready', port: server.port });
+  // The HTTP API with every HTTP limit at its default: the wsflood and httpslow kinds attack it.
+  api = new HttpApi({ server, fleet: new Fleet(server), host: '127.0.0.1', port: 0, logger });
+  await api.listen();
+  send({ type: 'ready', port: server.port, httpPort: api.port });
 }
 
 function lineCounters(): Record<string, number> {
@@ -221,7 +227,9 @@ process.on('message', (m: { cmd: string } & Record<string, unknown>) => {
   } else if (m.cmd === 'report') {
     send(report(m.gc === true));
   } else if (m.cmd === 'exit') {
-    void (server?.close() ?? Promise.resolve()).finally(() => process.exit(0));
+    void (api?.close() ?? Promise.resolve())
+      .then(() => server?.close())
+      .finally(() => process.exit(0));
     setTimeout(() => process.exit(0), 3000).unref();
   }
 });

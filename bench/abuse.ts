@@ -379,7 +379,7 @@ export async function runAbuse(opts: AbuseOptions = {}): Promise<AbuseReport> {
   const lag = monitorEventLoopDelay({ resolution: 10 });
   try {
     await Promise.all([server.wait('hello'), hostile.wait('hello')]);
-    const { port } = await server.ask({ cmd: 'start', timeout: o.timeout, devices, goodAddrs: goodAddresses }, 'ready');
+    const { port, httpPort } = await server.ask({ cmd: 'start', timeout: o.timeout, devices, goodAddrs: goodAddresses }, 'ready');
     log(`server on ${HOST}:${port}; ${o.good} good clients from ${goodAddresses[0]}…${goodAddresses[nAddr - 1]}`);
 
     // ---- connect the good clients ------------------------------------------------------
@@ -528,6 +528,7 @@ export async function runAbuse(opts: AbuseOptions = {}): Promise<AbuseReport> {
     const job: HostileJob = {
       host: HOST,
       port,
+      httpPort,
       count: o.hostile,
       goodIds: ids,
       maxMs: durMs + 90_000,

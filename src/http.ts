@@ -200,7 +200,7 @@ export const BROWSER_MESSAGES = { perSecond: 20, burst: 40 } as const;
 /** A client address owing more than this many ms of event-loop time has its new sockets closed on arrival. */
 const REFUSE_SOCKETS_OWING = 1000;
 /** A browser this many messages past its rate (sent before its pause took hold) is dropped. */
-const FLOOD_DEBT = BROWSER_MESSAGES.burst * 5;
+const FLOOD_DEBT = BROWSER_MESSAGES.burst;
 /** Requests one socket may have in flight (pipelined, not yet answered); beyond, the socket is closed. */
 export const MAX_PIPELINED = 16;
 /** A browser that has not loaded every matching device gets a fresh count of them at most this often, ms. */
