@@ -99,21 +99,22 @@ test.serial('installed globally: tether --version and tether help run compiled c
   t.is(lib.out.trim(), 'function function false');
 });
 
-test.serial('installed globally: tether serve from another folder with a config there; a Node client links up; SIGTERM stops it', async (t) => {
+test.serial('installed globally: tether init and tether serve in another folder; a Node client links up and its app answers; SIGTERM stops it', async (t) => {
   const dir = fs.mkdtempSync(path.join(TMP, 'site-'));
   const port = await freePort();
   const httpPort = await freePort();
-  fs.writeFileSync(
-    path.join(dir, 'site.json'),
-    JSON.stringify({ host: '127.0.0.1', port, http: { host: '127.0.0.1', port: httpPort }, log: { level: 'info', format: 'pretty' } }),
-  );
+  // The starter config of `tether init` (all interfaces, a journal, the dashboard on 127.0.0.1),
+  // with free ports and the loopback address given on the command line.
+  const init = await run(TETHER, ['init'], { cwd: dir });
+  t.is(init.code, 0, init.out + init.err);
+  t.true(fs.existsSync(path.join(dir, 'tether.json')));
   // A compiled JavaScript app next to the config, as `tsc` would emit it.
   fs.writeFileSync(
     path.join(dir, 'echo.js'),
     '"use strict";\nObject.defineProperty(exports, "__esModule", { value: true });\nexports.clients = ["pkg-1"];\n' +
       'exports.default = async function (conn) { for await (const line of conn) await conn.write("echo " + line.trimEnd()); };\n',
   );
-  const srv = spawn(TETHER, ['serve', '--config', 'site.json', '--app', 'echo.js'], { cwd: dir, env: userEnv() });
+  const srv = spawn(TETHER, ['serve', '--host', '127.0.0.1', '--port', String(port), '--http-port', String(httpPort), '--app', 'echo.js'], { cwd: dir, env: userEnv() });
   t.teardown(() => {
     if (srv.exitCode === null) srv.kill('SIGKILL');
   });
