@@ -13,7 +13,7 @@ import type { BridgeOptions } from './bridge';
 import { APP_RESTART_DEFAULTS, AppRestartOptions } from './apps';
 import { ENDPOINT_DEFAULTS } from './endpoint';
 import { FLEET_DEFAULTS } from './fleet';
-import { HTTP_OPTION_CHECKS } from './http';
+import { HTTP_OPTION_CHECKS, httpLimitsProblem } from './http';
 import type { HttpLimitOptions } from './http';
 import { SERVER_DEFAULTS } from './server';
 import type { DuplicateIdPolicy } from './server';
@@ -325,7 +325,8 @@ const CHECKS: Record<string, Check> = {
       const want = c(x);
       if (want) return `an object whose "${k}" is ${want}`;
     }
-    return null;
+    const clash = httpLimitsProblem(v as Record<string, unknown>);
+    return clash && `an object whose limits fit together: ${clash}`;
   },
   log: (v) =>
     v &&

@@ -147,6 +147,16 @@ export function resolveHttpLimits(opts: Partial<HttpLimitOptions>): HttpLimitOpt
   return o;
 }
 
+/** What is wrong with how the limit options relate (each one valid on its own), or null: for the config loader. */
+export function httpLimitsProblem(opts: Partial<HttpLimitOptions>): string | null {
+  try {
+    resolveHttpLimits(opts);
+    return null;
+  } catch (e) {
+    return (e as Error).message;
+  }
+}
+
 export interface HttpApiOptions extends Partial<HttpLimitOptions> {
   server: Server;
   fleet: Fleet;

@@ -828,6 +828,7 @@ test('config: the "http" section, its defaults, null to turn it off, and its err
   ] as const) {
     t.throws(() => resolveConfig({ http: { [k]: v } }), { message: re }, `${k}: ${JSON.stringify(v)}`);
   }
+  t.throws(() => resolveConfig({ http: { maxClientLoad: 0.5 } }), { message: /"http" must be an object whose limits fit together: http\.maxClientLoad \(0\.5\) is above http\.maxLoad \(0\.25\)/ });
   t.throws(() => resolveConfig({ http: { token: '' } }), { message: /"token" is null or a non-empty string/ });
   t.throws(() => resolveConfig({ http: true }), { message: /"http" must be null \(off\) or \{ "host"/ });
 });
