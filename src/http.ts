@@ -207,7 +207,7 @@ export const PAGE_BYTES = 256 * 1024;
 export const INIT_INTERVAL = 100;
 /** Messages a browser may send per second on /ws, and in one burst; beyond, its socket is paused (TCP pushes back). */
 export const BROWSER_MESSAGES = { perSecond: 20, burst: 40 } as const;
-/** A client address owing more than this many ms of event-loop time has its new sockets closed on arrival. */
+/** A client address (or all of them) owing more than this many ms of event-loop time has its new sockets closed on arrival. */
 const REFUSE_SOCKETS_OWING = 1000;
 /** A browser this many messages past its rate (sent before its pause took hold) is dropped. */
 const FLOOD_DEBT = BROWSER_MESSAGES.burst;
@@ -1114,13 +1114,16 @@ export class HttpApi {
   private onSocket(socket: Socket): void {
     const address = socket.remoteAddress ?? '?';
     const lim = this.limitOptions;
-    // A client far in debt (it was told with 429s) gets no new socket until it has paid: nothing of it is parsed.
+    // A client far in debt (it was told with 429s), or all of them (503s), get no new socket until paid: nothing of it is parsed.
     const owed = this.budget.wait(address, performance.now());
-    if (owed.who === 'client' && owed.ms > REFUSE_SOCKETS_OWING) {
-      this.hit('httpLoad', 'HTTP connection refused: its address is far over its share of the server time', {
+    if (owed.ms > REFUSE_SOCKETS_OWING) {
+      this.hit('httpLoad', owed.who === 'client' ? 'HTTP connection refused: its address is far over its share of the server time' : 'HTTP connection refused: the HTTP clients together are far over their share of the server time', {
         address,
         retryInMs: Math.ceil(owed.ms),
-        hint: 'the client sent more than http.maxClientLoad allows (a flood, or pipelining); it may connect again once its share has refilled',
+        hint:
+          owed.who === 'client'
+            ? 'the client sent more than http.maxClientLoad allows (a flood, or pipelining); it may connect again once its share has refilled'
+            : 'the HTTP clients together ask for more than http.maxLoad allows; new connections are taken again once the share has refilled',
       });
       socket.destroy();
       return;
