@@ -12,7 +12,8 @@ import * as fs from 'node:fs';
 import * as net from 'node:net';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { chromium, Browser, Page } from 'playwright-core';
+import type { Browser, Page } from 'playwright-core';
+import { launchChromium } from './helpers/browser';
 import { Client } from '../src/client';
 import { Connection } from '../src/connection';
 import { Fleet } from '../src/fleet';
@@ -22,28 +23,13 @@ import { Server } from '../src/server';
 import { freePort } from './helpers/serve';
 import { eventually as poll, within } from './helpers/wait';
 
-/** Debian's package puts it here; TETHER_CHROMIUM points elsewhere (another distribution's Chromium). */
-const CHROMIUM = process.env.TETHER_CHROMIUM || '/usr/bin/chromium';
-const CHROMIUM_ARGS = [
-  '--headless',
-  '--no-sandbox',
-  '--disable-gpu',
-  '--disable-quic',
-  '--no-first-run',
-  '--disable-background-networking',
-  '--disable-component-update',
-  '--disable-sync',
-];
 /** Generous bound for anything the page should show "soon" (CI machines are busy). */
 const SOON = 20_000;
 
 let browser: Browser;
 
 test.before(async () => {
-  if (!fs.existsSync(CHROMIUM)) {
-    throw new Error(`${CHROMIUM} is missing: the dashboard tests need a real Chromium; run \`apt-get install chromium\` (.ci/run does)`);
-  }
-  browser = await chromium.launch({ executablePath: CHROMIUM, args: CHROMIUM_ARGS, timeout: 60_000 });
+  browser = await launchChromium();
 });
 
 test.after.always(async () => {

@@ -19,7 +19,7 @@ import { execFileSync, spawn } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as http from 'node:http';
 import * as path from 'node:path';
-import { chromium } from 'playwright-core';
+import { launchChromium } from './helpers/browser';
 import { Client } from '../src/client';
 import { silentLogger } from '../src/log';
 import { serve, Served } from './helpers/serve';
@@ -307,8 +307,6 @@ test.serial('a slowloris of 2,000 idle HTTP sockets with 1,024 descriptors: devi
 
 test.serial('DNS rebinding in Chromium: a page of evil.test resolving to the server reads nothing, sends nothing, opens no WebSocket', async (t) => {
   t.timeout(120_000);
-  const CHROMIUM = process.env.TETHER_CHROMIUM || '/usr/bin/chromium';
-  if (!fs.existsSync(CHROMIUM)) throw new Error(`${CHROMIUM} is missing: this test needs a real Chromium; run \`apt-get install chromium\` (.ci/run does)`);
   const s = await serve(t, CONFIG);
   const lamp = new Client({ id: 'lamp-1', host: '127.0.0.1', port: s.port, timeout: 2000, logger: silentLogger });
   t.teardown(() => lamp.close());
@@ -321,19 +319,10 @@ test.serial('DNS rebinding in Chromium: a page of evil.test resolving to the ser
   // evil.test resolves to 127.0.0.1 (the rebinding has happened); the attacker's page itself is served by the test
   // (route.fulfill: its first answer came from the attacker's server). Chromium's Private Network Access checks are
   // off: they block this simulated page, but not every browser has them and the server must not rely on them.
-  const browser = await chromium.launch({
-    executablePath: CHROMIUM,
-    args: [
-      '--headless',
-      '--no-sandbox',
-      '--disable-gpu',
-      '--host-resolver-rules=MAP evil.test 127.0.0.1',
-      '--disable-features=LocalNetworkAccessChecks,PrivateNetworkAccessSendPreflights,BlockInsecurePrivateNetworkRequests,PrivateNetworkAccessRespectPreflightResults',
-      '--no-first-run',
-      '--disable-background-networking',
-    ],
-    timeout: 60_000,
-  });
+  const browser = await launchChromium([
+    '--host-resolver-rules=MAP evil.test 127.0.0.1',
+    '--disable-features=LocalNetworkAccessChecks,PrivateNetworkAccessSendPreflights,BlockInsecurePrivateNetworkRequests,PrivateNetworkAccessRespectPreflightResults',
+  ]);
   t.teardown(() => browser.close());
   const page = await browser.newPage();
   const origin = `http://evil.test:${s.httpPort}`;
