@@ -52,8 +52,13 @@ export function throttledInfo(log: Logger, msg: string, fields: Fields = {}, now
   throttled(log, 'info', msg, fields, now);
 }
 
-function throttled(log: Logger, level: 'warn' | 'info', msg: string, fields: Fields, now: number): void {
-  if (log.level === 'error' || log.level === 'silent' || (level === 'info' && log.level === 'warn')) return;
+/** The same at error level: for failures that can repeat at a device's pace (a journal on a full disk…). */
+export function throttledError(log: Logger, msg: string, fields: Fields = {}, now = Date.now()): void {
+  throttled(log, 'error', msg, fields, now);
+}
+
+function throttled(log: Logger, level: 'error' | 'warn' | 'info', msg: string, fields: Fields, now: number): void {
+  if (log.level === 'silent' || (level !== 'error' && log.level === 'error') || (level === 'info' && log.level === 'warn')) return;
   const key = log.throttleKey ?? log;
   let byMsg = throttles.get(key);
   if (!byMsg) throttles.set(key, (byMsg = new Map()));

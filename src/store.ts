@@ -35,6 +35,7 @@ import { createHash } from 'node:crypto';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { TetherError } from './errors';
+import { throttledError, throttledWarn } from './limits';
 import type { Fields, Logger } from './log';
 import { ReceiveFilter } from './protocol';
 
@@ -484,9 +485,6 @@ export function parseJournal(text: string): { state: State; torn: boolean; recor
 /** ms before a degraded journal is tried again; doubles up to RETRY_MAX. */
 const RETRY_MIN = 1000;
 const RETRY_MAX = 30_000;
-/** Loud log records per LOG_WINDOW ms and message before the rest are only counted. */
-const LOG_WINDOW = 10_000;
-const LOG_PER_WINDOW = 5;
 
 function errCode(e: unknown): string {
   return (e as NodeJS.ErrnoException)?.code ?? (e instanceof Error ? e.message : String(e));
@@ -528,12 +526,6 @@ function openFileLimit(): number | null {
   return fdLimit;
 }
 
-interface Throttle {
-  start: number;
-  logged: number;
-  suppressed: number;
-}
-
 export class FileStore {
   readonly dir: string;
   private readonly fsync: boolean;
@@ -550,7 +542,6 @@ export class FileStore {
   private lastUsed: FileJournal | null = null;
   private readonly failing = new Set<FileJournal>();
   private retryTimer: NodeJS.Timeout | null = null;
-  private readonly throttles = new Map<string, Throttle>();
   private readonly counts = { quarantined: 0, writeFailures: 0, recovered: 0, compactions: 0 };
 
   constructor(opts: StoreOptions) {
@@ -965,26 +956,11 @@ export class FileStore {
     return true;
   }
 
-  /** Logs at most LOG_PER_WINDOW records per message every LOG_WINDOW ms; the next one says how many were left out. */
+  /** Logs throttled (limits.ts: at most 10 records per message every 10 s; the next one says how many were left out). */
   private loud(level: 'warn' | 'error', msg: string, fields: Fields): void {
     if (!this.log) return;
-    const now = Date.now();
-    let t = this.throttles.get(msg);
-    if (!t) this.throttles.set(msg, (t = { start: now, logged: 0, suppressed: 0 }));
-    if (now - t.start >= LOG_WINDOW) {
-      t.start = now;
-      t.logged = 0;
-    }
-    if (t.logged >= LOG_PER_WINDOW) {
-      t.suppressed++;
-      return;
-    }
-    t.logged++;
-    if (t.suppressed > 0) {
-      fields = { ...fields, suppressed: t.suppressed, note: `similar records were left out (at most ${LOG_PER_WINDOW} per ${LOG_WINDOW / 1000} s are logged; see the store's stats)` };
-      t.suppressed = 0;
-    }
-    this.log[level](msg, fields);
+    if (level === 'error') throttledError(this.log, msg, fields);
+    else throttledWarn(this.log, msg, fields);
   }
 }
 
