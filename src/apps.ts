@@ -251,7 +251,15 @@ class Instance {
       signal,
       clientConn: (id) => this.runner.server.clientConn(id, signal),
     };
-    const view = connView(this.conn, signal, (ev, fn) => this.listeners.push([ev, fn]));
+    const view = connView(
+      this.conn,
+      signal,
+      (ev, fn) => this.listeners.push([ev, fn]),
+      (ev, fn) => {
+        const i = this.listeners.findIndex(([e, f]) => e === ev && f === fn);
+        if (i >= 0) this.listeners.splice(i, 1);
+      },
+    );
     const call = () => {
       try {
         return Promise.resolve(this.app.run(view, ctx));
@@ -351,12 +359,25 @@ const LISTEN = new Set<string | symbol>(['on', 'addListener', 'once', 'prependLi
  * that reads and writes end with the instance (so a failed instance's leftovers
  * cannot steal lines from its successor) and its listeners are removed then.
  */
-function connView(conn: Connection, signal: AbortSignal, track: (ev: string | symbol, fn: (...a: unknown[]) => void) => void): Connection {
+function connView(
+  conn: Connection,
+  signal: AbortSignal,
+  track: (ev: string | symbol, fn: (...a: unknown[]) => void) => void,
+  untrack: (ev: string | symbol, fn: (...a: unknown[]) => void) => void,
+): Connection {
   const stopped = () => new TetherError('ERR_ABORTED', 'this app instance was stopped (it failed, or the server is shutting down); a new instance has the connection');
   const view: Connection = new Proxy(conn, {
     get(target, prop) {
-      if (prop === 'readline') return () => target.readline(signal);
-      if (prop === 'take') return () => target.take(signal);
+      // The app's own signal counts too; either ends the wait.
+      if (prop === 'readline') return (own?: AbortSignal) => target.readline(own ? AbortSignal.any([own, signal]) : signal);
+      if (prop === 'take') return (own?: AbortSignal) => target.take(own ? AbortSignal.any([own, signal]) : signal);
+      if (prop === 'off' || prop === 'removeListener') {
+        return (ev: string | symbol, fn: (...a: unknown[]) => void) => {
+          untrack(ev, fn);
+          target.removeListener(ev, fn);
+          return view;
+        };
+      }
       if (prop === 'write') return (line: string, opts?: WriteOptions) => (signal.aborted ? Promise.reject(stopped()) : target.write(line, opts));
       if (prop === Symbol.asyncIterator) {
         return async function* lines(): AsyncGenerator<string, void, undefined> {

@@ -244,7 +244,9 @@ export abstract class Endpoint extends EventEmitter {
   /** Takes new messages instead of readline(), see setConsumer(). */
   private consumer: Consumer | null = null;
   /** Messages handed to the consumer, in arrival order; each is ACKed once it and all before it are confirmed. */
-  private handing: Array<{ mid: number; payload: string; done: boolean }> = [];
+  private handing: Array<{ mid: number; payload: string; done: boolean; failed: boolean; stale: boolean }> = [];
+  /** Messages whose hand-over failed or was refused, by mid: the peer's resend is new to the consumer. */
+  private readonly toRetry = new Map<number, string>();
   /** A bad line was already reported (as a `violation`) for the current link. */
   private linkViolated = false;
   private lastRx = 0;
@@ -332,6 +334,11 @@ export abstract class Endpoint extends EventEmitter {
   /** Received messages held un-ACKed until the app reads (the buffer is full). */
   get heldMessages(): number {
     return this.held.length;
+  }
+
+  /** True while reading the link is paused (buffer and hold full, nothing of ours awaiting an ACK): its silence proves nothing. */
+  get readingPaused(): boolean {
+    return this.blocked;
   }
 
   /** True while the receive buffer has been full with nothing read for stallAfter ms: nobody is reading. */
@@ -470,6 +477,8 @@ export abstract class Endpoint extends EventEmitter {
   }
 
   private next(signal: AbortSignal | undefined, auto: boolean): Promise<string> {
+    // An aborted reader takes nothing, not even a line that is already there.
+    if (signal?.aborted) return Promise.reject(waitAbortedError('readline()')(signal.reason));
     const line = this.rx.shift();
     if (line !== undefined) {
       this.buffer(1 - line.length);
@@ -706,7 +715,8 @@ export abstract class Endpoint extends EventEmitter {
     });
     // A message (it starts with a message id): ACK it in turn, so the peer's write
     // completes and its later messages go out, and report it instead of delivering it.
-    if (mid >= 0 && this.link) this.onMessage(mid, OVERSIZE, 0);
+    // It costs no buffer: if even the hold has no place for it, it is ACKed and reported at once.
+    if (mid >= 0 && this.link && !this.onMessage(mid, OVERSIZE, 0)) this.admit(mid, OVERSIZE, 0);
   };
 
   /** Takes one line from the peer; false stops the splitter (the line is parked). */
@@ -795,30 +805,41 @@ export abstract class Endpoint extends EventEmitter {
   }
 
   private onConsumed(mid: number, payload: string): void {
-    if (this.handing.some((h) => h.mid === mid)) {
+    if (this.handing.some((h) => !h.stale && h.mid === mid && h.payload === payload)) {
       this.counters.duplicatesDropped++; // still being handed on: its ACK follows
       return;
     }
-    if (this.filter.isRepeat(mid, payload)) {
-      this.filter.accept(mid, payload); // keeps the ring evolving as the peer's does
+    // Decided on arrival, in arrival order and with this link and boot id, as the peer's ring evolves;
+    // only the ACK waits for the consumer.
+    let fresh = this.filter.accept(mid, payload);
+    if (!fresh && this.toRetry.get(mid) === payload) fresh = true; // its hand-over failed: the resend is new to the consumer
+    this.toRetry.delete(mid);
+    if (!fresh) {
       this.counters.duplicatesDropped++;
       this.counters.acksOut++;
       this.sendRaw(formatAck(mid));
       return;
+    }
+    if (mid === 0) {
+      // The peer restarted: ACKs for what its previous run sent must not reach this run (they would ACK its new mids).
+      for (const h of this.handing) h.stale = true;
+      this.toRetry.clear();
     }
     const line = payload + '\n';
     let handed: Promise<void> | null;
     try {
       handed = this.consumer!(line, mid);
     } catch (e) {
+      this.toRetry.set(mid, payload);
       this.log.error('the consumer threw: message not ACKed (the peer resends it)', { error: (e as Error).stack ?? String(e) });
       return;
     }
     if (handed === null) {
+      this.toRetry.set(mid, payload);
       this.counters.shed++;
       return;
     }
-    const entry = { mid, payload, done: false };
+    const entry = { mid, payload, done: false, failed: false, stale: false };
     this.handing.push(entry);
     this.counters.messagesIn++;
     try {
@@ -832,20 +853,19 @@ export abstract class Endpoint extends EventEmitter {
         this.ackHanded();
       },
       (err: Error) => {
-        const i = this.handing.indexOf(entry);
-        if (i >= 0) this.handing.splice(i, 1);
+        entry.failed = true;
+        if (!entry.stale) this.toRetry.set(mid, payload);
         throttledWarn(this.log, 'message not handed on: not ACKed, the peer resends it', { mid, error: err?.message });
         this.ackHanded(); // later ones that were waiting behind it
       },
     );
   }
 
-  /** Records and ACKs confirmed messages in arrival order, so the ring evolves exactly as the peer's. */
+  /** ACKs confirmed messages in arrival order; a failed one is skipped (the peer resends it), a stale one (sent by the peer's previous run) never ACKed. */
   private ackHanded(): void {
-    while (this.handing.length > 0 && this.handing[0].done) {
+    while (this.handing.length > 0 && (this.handing[0].done || this.handing[0].failed)) {
       const h = this.handing.shift()!;
-      this.filter.accept(h.mid, h.payload);
-      if (this.closed) continue;
+      if (h.failed || h.stale || this.closed) continue;
       this.counters.acksOut++;
       this.sendRaw(formatAck(h.mid));
     }
@@ -935,21 +955,23 @@ export abstract class Endpoint extends EventEmitter {
     }
     this.counters.messagesIn++;
     const line = payload + '\n';
+    // Queued (or handed to a reader) before observers hear of it: a 'line' listener that writes
+    // or reads re-enters this endpoint and must find the line in its place.
+    const reader = this.readers.shift();
+    if (reader) {
+      this.consumed(reader.auto);
+      this.lastTaken = Date.now();
+      reader.resolve(line);
+    } else {
+      this.rx.push(line);
+      this.buffer(payload.length);
+    }
     try {
       this.emit('line', line);
     } catch (e) {
       // An observer's bug must not take the link (or the process) down.
       this.log.error('a "line" listener threw; the line is still delivered', { error: (e as Error).stack ?? String(e) });
     }
-    const reader = this.readers.shift();
-    if (reader) {
-      this.consumed(reader.auto);
-      this.lastTaken = Date.now();
-      reader.resolve(line);
-      return;
-    }
-    this.rx.push(line);
-    this.buffer(payload.length);
   }
 
   /** Counts `n` characters into (or, negative, out of) this endpoint's buffer and the shared budget. */
@@ -1016,8 +1038,10 @@ export abstract class Endpoint extends EventEmitter {
       }
     }
     const full = this.held.length > 0 || this.blocked || this.rx.length >= this.rxBuffer;
-    if (!full) this.fullSince = 0;
-    else if (this.fullSince === 0) this.fullSince = now;
+    if (!full) {
+      this.fullSince = 0;
+      if (this.stalledNow) this.setStalled(false);
+    } else if (this.fullSince === 0) this.fullSince = now;
     else if (!this.stalledNow && this.readers.length === 0 && now - Math.max(this.fullSince, this.lastTaken) >= this.stallAfter) this.setStalled(true);
     if (!this.up) return;
     this.sendKeepalive();

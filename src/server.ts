@@ -609,6 +609,12 @@ export class Server extends EventEmitter {
       });
       return;
     }
+    if (conn?.hasLink && conn.readingPaused) {
+      // We stopped reading the old link, so its silence proves nothing: a board that comes back
+      // is taken at its word (its old link is likely dead), whatever duplicateId says.
+      this.log.info('a device reconnected while its old link was paused (nobody reading): the old link is replaced', { id, remote: link.remote, replaced: conn.remote });
+      conn.disconnect('replaced: the device reconnected while reading was paused');
+    }
     if (conn?.hasLink) {
       this.handshakes.duplicateId++;
       const address = link.address ?? link.remote;
