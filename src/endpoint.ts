@@ -805,8 +805,9 @@ export abstract class Endpoint extends EventEmitter {
   }
 
   private onConsumed(mid: number, payload: string): void {
-    if (this.handing.some((h) => !h.stale && h.mid === mid && h.payload === payload)) {
-      this.counters.duplicatesDropped++; // still being handed on: its ACK follows
+    // Still being handed on: its ACK follows (a mid 0 only on the same link or boot: otherwise the peer restarted).
+    if (this.handing.some((h) => !h.stale && h.mid === mid && h.payload === payload) && (mid !== 0 || this.filter.isRepeat(0, payload))) {
+      this.counters.duplicatesDropped++;
       return;
     }
     // Decided on arrival, in arrival order and with this link and boot id, as the peer's ring evolves;

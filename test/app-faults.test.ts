@@ -162,3 +162,17 @@ test('the dashboard shows a stalled device and a failing app in its row and its 
   await page.getByText(/restarting, 1 failure, last: Error: the app threw on purpose/).waitFor({ timeout: 20_000 });
   t.pass();
 });
+
+test("a failed instance's leftover reader takes no line from its successor", async (t) => {
+  const s = await serve(t, { apps: [{ script: path.join(__dirname, 'fixtures', 'zombie-app.ts'), clients: '*' }], appRestart: { initialDelay: 100, maxDelay: 100, resetAfter: 60_000 } });
+  const c = new Client({ id: 'z', port: s.port });
+  t.teardown(() => c.close());
+  await c.connect();
+  await eventually(() => /app started again/.test(s.output()), 20_000, 'the second instance runs');
+  const replies: string[] = [];
+  for (let i = 0; i < 20; i++) {
+    await c.write(`L${i}`);
+    replies.push((await c.readline(AbortSignal.timeout(10_000))).trimEnd());
+  }
+  t.deepEqual(replies, Array.from({ length: 20 }, (_, i) => `gen2:L${i}`));
+});

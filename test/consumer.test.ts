@@ -87,3 +87,40 @@ test('a refused or failed hand-over is not ACKed, and the resend is handed on as
   await peer.until((l) => l.includes('07'));
   t.deepEqual(acks(), ['08', '07']);
 });
+
+test('a board that reboots while its lines are still being handed on: its new lines are handed on too, and it never gets ACKs meant for its previous run', async (t) => {
+  const { server, handed } = await setup(t);
+  const first = await RawPeer.hello(server.port, 'board');
+  t.teardown(() => first.close());
+  first.send('00boot1-A\n01boot1-B\n');
+  await eventually(() => handed.length === 2, 5000, 'both handed on');
+  first.close(); // reboot: a new process, a new link, mid 0 again
+  await eventually(() => !server.get('board')!.isUp, 10_000, 'old link gone');
+  const second = await RawPeer.hello(server.port, 'board');
+  t.teardown(() => second.close());
+  second.send('00boot2-C\n01boot2-D\n');
+  await eventually(() => handed.length === 4, 5000, 'the new run handed on as well');
+  t.deepEqual(handed.map((h) => h.line.trim()), ['boot1-A', 'boot1-B', 'boot2-C', 'boot2-D']);
+  for (const h of handed) h.resolve(); // the broker confirms everything, the old run's first
+  await eventually(() => second.received.filter((r) => r.line !== '').length === 2, 5000, 'the new run ACKed');
+  t.deepEqual(second.received.map((r) => r.line).filter((l) => l !== ''), ['00', '01'], "exactly the new run's two ACKs");
+  t.is(server.get('board')!.counters.duplicatesDropped, 0);
+});
+
+test('a deep-sleep board whose previous reading is still being handed on: the same reading after the reboot is handed on again', async (t) => {
+  const { server, handed } = await setup(t);
+  const first = await RawPeer.hello(server.port, 'sensor');
+  t.teardown(() => first.close());
+  first.send('00temp=21\n');
+  await eventually(() => handed.length === 1, 5000);
+  first.close();
+  await eventually(() => !server.get('sensor')!.isUp, 10_000);
+  const second = await RawPeer.hello(server.port, 'sensor');
+  t.teardown(() => second.close());
+  second.send('00temp=21\n');
+  await eventually(() => handed.length === 2, 5000, 'the second wake handed on');
+  t.deepEqual(handed.map((h) => h.line.trim()), ['temp=21', 'temp=21'], 'one reading per wake');
+  for (const h of handed) h.resolve();
+  await eventually(() => second.received.some((r) => r.line === '00'), 5000, 'the second wake ACKed');
+  t.is(second.received.filter((r) => r.line === '00').length, 1, 'once: the first wake\'s ACK is not sent to it');
+});
