@@ -193,6 +193,7 @@ interface TpConfig {
 const TP_CONFIGS: TpConfig[] = [
   { name: 'tether, wait=true', mode: 'tether', echo: 'wait', wait: true, window: 8 },
   { name: 'tether, window 8', mode: 'tether', echo: 'window', wait: false, window: 8 },
+  { name: 'tether, wait=true, README echo', mode: 'tether', echo: 'readme', wait: true, window: 8 },
   { name: "tether, window 8, README echo", mode: 'tether', echo: 'readme', wait: false, window: 8 },
   { name: "tether, window 2, README echo", mode: 'tether', echo: 'readme', wait: false, window: 2 },
   { name: 'ceiling (line echo)', mode: 'ceiling', echo: 'wait', wait: true, window: 8 },
