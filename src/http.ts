@@ -1955,12 +1955,8 @@ export class HttpApi {
     let i = 0;
     return new Promise<void>((resolve, reject) =>
       this.work.add(() => {
-        if (this.closed) {
-          reject(new HttpProblem(503, 'the server is shutting down'));
-          return 'done';
-        }
-        const owed = this.budget.wait(address, performance.now()).ms;
-        if (owed > 0) return owed;
+        const held = this.gate(address, reject);
+        if (held !== null) return held;
         const watch = new Stopwatch();
         try {
           const stop = Math.min(conns.length, i + 256);
@@ -1978,16 +1974,22 @@ export class HttpApi {
     );
   }
 
+  /** Before a step of the work queue: 'done' (rejected) while shutting down, the ms `address` still owes, or null to go on. */
+  private gate(address: string, reject: (e: Error) => void): 'done' | number | null {
+    if (this.closed) {
+      reject(new HttpProblem(503, 'the server is shutting down'));
+      return 'done';
+    }
+    const owed = this.budget.wait(address, performance.now()).ms;
+    return owed > 0 ? owed : null;
+  }
+
   /** Runs `fn` as one step of the work queue (once `address` owes no time), charged to it. */
   private task<T>(address: string, fn: () => T): Promise<T> {
     return new Promise<T>((resolve, reject) =>
       this.work.add(() => {
-        if (this.closed) {
-          reject(new HttpProblem(503, 'the server is shutting down'));
-          return 'done';
-        }
-        const owed = this.budget.wait(address, performance.now()).ms;
-        if (owed > 0) return owed;
+        const held = this.gate(address, reject);
+        if (held !== null) return held;
         try {
           resolve(this.timed(address, fn));
         } catch (e) {
