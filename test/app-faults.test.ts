@@ -176,3 +176,18 @@ test("a failed instance's leftover reader takes no line from its successor", asy
   }
   t.deepEqual(replies, Array.from({ length: 20 }, (_, i) => `gen2:L${i}`));
 });
+
+test('appRestart.trace false: an error escaping app code is logged and counted, nothing restarts, the server carries on', async (t) => {
+  const s = await serve(t, { apps: [{ script: FAULTY, clients: '*' }], appRestart: { initialDelay: 100, maxDelay: 100, resetAfter: 60_000, trace: false } });
+  const c = new Client({ id: 'untraced', port: s.port });
+  t.teardown(() => c.close());
+  await c.connect();
+  t.is(await readUntil(c, (l) => l.startsWith('start')), 'start 1');
+  await c.write('reject');
+  await eventually(() => /an error escaped outside any app instance/.test(s.output()), 20_000, 'logged');
+  await c.write('still there?');
+  t.is(await readUntil(c, (l) => l === 'echo still there?' || l.startsWith('start')), 'echo still there?', 'the same instance answers');
+  const metrics: string = await s.api('/metrics');
+  t.regex(metrics, /^tether_uncaught_errors_total 1$/m);
+  t.true(s.alive());
+});
