@@ -9,7 +9,7 @@ import { BrokerFleet, Connection, MqttBridge, Server, silentLogger } from '../sr
 const [role, mode, url, qos] = process.argv.slice(2);
 const send = (m: object) => process.send!(m);
 
-(async () => {
+void (async () => {
   let count = 0;
   if (role === 'gateway') {
     const server = await Server.listen({ host: '127.0.0.1', port: 0, logger: silentLogger });

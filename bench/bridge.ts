@@ -124,7 +124,7 @@ async function split(m: Mosquitto, mode: 'direct' | 'bridged'): Promise<number[]
 
 const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
 
-(async () => {
+void (async () => {
   const m = await Mosquitto.start();
   try {
     const d = values.split ? await split(m, 'direct') : await direct();

@@ -85,7 +85,7 @@ function parentPid() {
     // Linux: the field after the command name in /proc/self/stat, which may itself hold spaces.
     var stat = fs.readFileSync('/proc/self/stat', 'utf8');
     return Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]);
-  } catch (e) {
+  } catch {
     // Elsewhere: the parent we started with, as long as it exists.
     try {
       process.kill(process.ppid, 0);

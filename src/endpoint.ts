@@ -716,7 +716,7 @@ export abstract class Endpoint extends EventEmitter {
     // A message (it starts with a message id): ACK it in turn, so the peer's write
     // completes and its later messages go out, and report it instead of delivering it.
     // It costs no buffer: if even the hold has no place for it, it is ACKed and reported at once.
-    if (mid >= 0 && this.link && !this.onMessage(mid, OVERSIZE, 0)) this.admit(mid, OVERSIZE, 0);
+    if (mid >= 0 && this.link && !this.onMessage(mid, OVERSIZE, 0)) this.admit(mid, OVERSIZE);
   };
 
   /** Takes one line from the peer; false stops the splitter (the line is parked). */
@@ -880,12 +880,12 @@ export abstract class Endpoint extends EventEmitter {
    */
   private onMessage(mid: number, payload: string, bytes: number): boolean {
     if (this.consumer) {
-      if (payload === OVERSIZE) this.admit(mid, payload, bytes); // ACKed and reported, never handed on
+      if (payload === OVERSIZE) this.admit(mid, payload); // ACKed and reported, never handed on
       else this.onConsumed(mid, payload);
       return true;
     }
     if (this.held.length === 0 && this.hasRoom(bytes)) {
-      this.admit(mid, payload, bytes);
+      this.admit(mid, payload);
       return true;
     }
     for (const h of this.held) {
@@ -939,7 +939,7 @@ export abstract class Endpoint extends EventEmitter {
   }
 
   /** Records, ACKs and hands on one message (or drops it as a repeat). */
-  private admit(mid: number, payload: string, bytes: number): void {
+  private admit(mid: number, payload: string): void {
     const fresh = this.filter.accept(mid, payload);
     // Recorded before the ACK goes out: nothing the peer sees as delivered is lost in a crash.
     if (payload !== OVERSIZE) this.journal?.received(mid, payload, fresh);
@@ -987,7 +987,7 @@ export abstract class Endpoint extends EventEmitter {
     while (this.held.length > 0 && this.hasRoom(this.held[0].bytes)) {
       const h = this.held.shift()!;
       this.heldBytes -= h.bytes;
-      this.admit(h.mid, h.payload, h.bytes);
+      this.admit(h.mid, h.payload);
     }
     if (this.stalledNow) this.setStalled(false);
     if (this.blocked && this.held.length <= this.rxHold / 2) this.unblock();

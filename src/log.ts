@@ -65,6 +65,7 @@ export function formatPretty(rec: LogRecord): string {
     .filter(([, v]) => v !== undefined) // a field with no value is left out, as JSON leaves it out
     .map(([k, v]) => `${k}=${prettyValue(v)}`)
     .join(' ');
+  // eslint-disable-next-line no-control-regex -- control characters are exactly what this removes
   return `${t} ${level.toUpperCase().padEnd(5)} ${msg.replace(UNSAFE, '?').replace(/[\u0000-\u001f]/g, '?')}${kv ? ' ' + kv : ''}`;
 }
 

@@ -2,7 +2,7 @@
 let mod: typeof import('mqtt') | null = null;
 
 export function loadMqtt(): typeof import('mqtt') {
-  // eslint-disable-next-line @typescript-eslint/no-require-imports
+   
   mod ??= require('mqtt') as typeof import('mqtt');
   return mod;
 }

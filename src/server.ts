@@ -122,6 +122,7 @@ export interface IdLine {
  */
 export function idProblem(id: string): string | null {
   if (id.trim() === '') return 'the client ID is empty or only white space';
+  // eslint-disable-next-line no-control-regex -- control characters are exactly what this refuses
   const bad = /[\u0000-\u001f\u007f-\u009f\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]/.exec(id);
   if (bad) {
     const code = bad[0].charCodeAt(0).toString(16).toUpperCase().padStart(4, '0');

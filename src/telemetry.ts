@@ -163,12 +163,12 @@ export class DataTypeTable {
     switch (t.encoding) {
       case 'int8': b.writeInt8(n); break;
       case 'uint8': b.writeUInt8(n); break;
-      case 'int16': le ? b.writeInt16LE(n) : b.writeInt16BE(n); break;
-      case 'uint16': le ? b.writeUInt16LE(n) : b.writeUInt16BE(n); break;
-      case 'int32': le ? b.writeInt32LE(n) : b.writeInt32BE(n); break;
-      case 'uint32': le ? b.writeUInt32LE(n) : b.writeUInt32BE(n); break;
-      case 'float32': le ? b.writeFloatLE(n) : b.writeFloatBE(n); break;
-      case 'float64': le ? b.writeDoubleLE(n) : b.writeDoubleBE(n); break;
+      case 'int16': if (le) b.writeInt16LE(n); else b.writeInt16BE(n); break;
+      case 'uint16': if (le) b.writeUInt16LE(n); else b.writeUInt16BE(n); break;
+      case 'int32': if (le) b.writeInt32LE(n); else b.writeInt32BE(n); break;
+      case 'uint32': if (le) b.writeUInt32LE(n); else b.writeUInt32BE(n); break;
+      case 'float32': if (le) b.writeFloatLE(n); else b.writeFloatBE(n); break;
+      case 'float64': if (le) b.writeDoubleLE(n); else b.writeDoubleBE(n); break;
       case 'bool': b[0] = value ? 1 : 0; break;
       case 'utf8': b.write(String(value), 'utf8'); break;
     }

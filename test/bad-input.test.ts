@@ -43,7 +43,7 @@ class RawPeer {
         const line = this.tail.slice(0, nl);
         this.tail = this.tail.slice(nl + 1);
         this.lines.push(line);
-        if (this.autoAck && line.length >= 3 && /^[0-9a-f]{2}/.test(line)) this.send(line.slice(0, 2) + '\n');
+        if (this.autoAck && line.length >= 3 && /^[0-9a-f]{2}/.test(line)) void this.send(line.slice(0, 2) + '\n');
       }
     });
     socket.on('error', (e) => (this.error = e));
@@ -419,7 +419,7 @@ test.serial('a socket that goes silent without closing is detected as an outage'
     f.server.on('connection', (c: Connection) => {
       if (c.id !== 'silent') return;
       conn = c;
-      downOf(c).then((reason) => resolve({ reason, at: Date.now() }));
+      void downOf(c).then((reason) => resolve({ reason, at: Date.now() }));
     }),
   );
   const r = await f.raw();

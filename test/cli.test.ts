@@ -119,7 +119,7 @@ test('chaos: proxies devices to a server on loopback, injects faults, prints the
       if (m) resolve(Number(m[1]));
     };
     proc.stdout.on('data', check);
-    exited.then(() => reject(new Error(`chaos exited early: ${out}`)));
+    void exited.then(() => reject(new Error(`chaos exited early: ${out}`)));
   });
   const client = new Client({ id: 'through-chaos', port, timeout: 400, reconnectDelay: 100, retryMin: 50, logger: silentLogger });
   t.teardown(() => client.close());

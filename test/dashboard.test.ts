@@ -5,7 +5,7 @@
  *
  * TETHER_SCREENSHOT=1 also writes docs/dashboard.png (the README's picture).
  */
-/* eslint-disable @typescript-eslint/no-explicit-any -- the functions run in the page, and this project compiles without the DOM types */
+ 
 import test, { ExecutionContext } from 'ava';
 import { spawn } from 'node:child_process';
 import * as fs from 'node:fs';

@@ -49,7 +49,7 @@ class MeshPeer {
     port.on('error', () => {});
     this.kaTimer = setInterval(() => {
       if (!this.auto) return;
-      for (const [addr, s] of this.streams) if (s.live && !s.expectId) this.send('SEND-', addr, '\n');
+      for (const [addr, s] of this.streams) if (s.live && !s.expectId) void this.send('SEND-', addr, '\n');
     }, TIMEOUT / 4);
   }
 
@@ -155,7 +155,7 @@ class MeshPeer {
       if (s.expectId) {
         s.expectId = false;
         this.lines.push({ addr, kind: 'id', text: line });
-        if (this.auto) this.send('SEND-', addr, '\n');
+        if (this.auto) void this.send('SEND-', addr, '\n');
       } else if (line.length === 0) {
         this.lines.push({ addr, kind: 'ka', text: '' });
       } else if (line.length === 2) {
@@ -163,7 +163,7 @@ class MeshPeer {
       } else {
         const mid = line.slice(0, 2);
         this.lines.push({ addr, kind: 'msg', text: line.slice(2), mid });
-        if (this.auto) this.send('SEND-', addr, `${mid}\n`);
+        if (this.auto) void this.send('SEND-', addr, `${mid}\n`);
       }
     }
   }

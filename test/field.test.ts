@@ -193,6 +193,7 @@ test('ID policy: look-alikes are one device (NFC), control and direction charact
   }
   p = await board(t, server, 'plain-after');
   t.truthy(server.get('plain-after'));
+  // eslint-disable-next-line no-control-regex -- looking for a raw escape character is the point
   t.false(logs.some((l) => /[\u001b\u202e]/.test(l)), 'no raw escape or direction mark in the log');
   t.true(logs.some((l) => l.includes('U+000D')), 'the refusal says which character');
 });

@@ -335,7 +335,7 @@ test.serial('DNS rebinding in Chromium: a page of evil.test resolving to the ser
     const send = await fetch('/api/devices/lamp-1/messages', { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ line: 'pwned' }) });
     out.send = send.status;
     out.ws = await new Promise((resolve) => {
-      const g = globalThis as any; // eslint-disable-line @typescript-eslint/no-explicit-any -- the page's own globals
+      const g = globalThis as any;  
       const ws = new g.WebSocket(`ws://${g.location.host}/ws`);
       ws.onmessage = (e: { data: unknown }) => resolve(`message: ${String(e.data).slice(0, 40)}`);
       ws.onerror = () => resolve('error');
